@@ -1,0 +1,1 @@
+"""bitlm's own components, registered exactly like an external plugin's (see ``plugin.py``)."""

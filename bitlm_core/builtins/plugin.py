@@ -1,0 +1,60 @@
+"""Registers bitlm's built-in components, through the same hooks an external plugin uses."""
+
+from __future__ import annotations
+
+from bitlm_core.hookspecs import hookimpl
+from bitlm_core.records import (AttentionBackendSpec, CompressorSpec, CorpusSpec, EncoderSpec,
+                                ObjectiveSpec, SafetyGateSpec, SamplerSpec)
+
+
+@hookimpl
+def bitlm_encoders():
+    from bitlm_core.builtins.encoders import Parity9Encoder, Raw8Encoder
+
+    yield EncoderSpec("parity9", Parity9Encoder, "8 data bits MSB first + even parity bit")
+    yield EncoderSpec("raw8", Raw8Encoder, "8 data bits MSB first")
+
+
+@hookimpl
+def bitlm_attention_backends():
+    from bitlm_core.builtins.attention import ReferenceAttention
+
+    yield AttentionBackendSpec("reference", ReferenceAttention,
+                               "explicit softmax(QK^T)V; can return attention maps")
+
+
+@hookimpl
+def bitlm_compressors():
+    from bitlm_core.builtins.compressors import IdentityCompressor
+
+    yield CompressorSpec("identity", IdentityCompressor, "one byte per bit; never compresses")
+
+
+@hookimpl
+def bitlm_safety_gates():
+    from bitlm_core.builtins.safety import NoGate
+
+    yield SafetyGateSpec("none", NoGate, "lets every output through")
+
+
+@hookimpl
+def bitlm_corpora():
+    from bitlm_core.builtins.corpora import FileCorpus, QuickstartCorpus
+
+    yield CorpusSpec("quickstart", QuickstartCorpus, "~1 MB of Jane Austen, shipped with core")
+    yield CorpusSpec("file", FileCorpus, "a text file (or .gz) given by options.path")
+
+
+@hookimpl
+def bitlm_objectives():
+    from bitlm_core.builtins.objectives import CausalObjective
+
+    yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy (bits per byte)")
+
+
+@hookimpl
+def bitlm_samplers():
+    from bitlm_core.builtins.samplers import AutoregressiveSampler
+
+    yield SamplerSpec("autoregressive", AutoregressiveSampler,
+                      "bit by bit with a key/value cache; temperature, top-k, top-p")

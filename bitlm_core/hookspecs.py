@@ -1,0 +1,166 @@
+"""Hook specifications: one zero-argument provider hook per component kind.
+
+A plugin is a module with functions marked ``@hookimpl`` whose names match the hooks below. Each
+returns an iterable of records of one type (see :mod:`bitlm_core.records`). The core calls every
+hook once, when the registry is built; it never fires hooks in a hot loop, and components are
+called directly afterwards.
+
+Keep hook bodies cheap: create records, and import torch or numpy only inside factories. Then
+``bitlm --help`` and ``bitlm plugins list`` stay fast however many plugins are installed.
+
+Register a plugin through an entry point in group ``bitlm``::
+
+    [project.entry-points.bitlm]
+    my_plugin = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import pluggy
+
+PROJECT = "bitlm"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def bitlm_encoders() -> Iterable["EncoderSpec"]:  # noqa: F821
+    """Provide encoders that turn bytes into bit tensors and back.
+
+    The factory returns an object with ``frame_bits`` (bits per byte frame), ``encode(data:
+    bytes) -> torch.Tensor`` (uint8 bits) and ``decode(bits, repair=False) -> bytes``.
+
+    Example::
+
+        @hookimpl
+        def bitlm_encoders():
+            yield EncoderSpec("raw8", RawEncoder, "8 bits per byte, MSB first")
+    """
+
+
+@hookspec
+def bitlm_attention_backends() -> Iterable["AttentionBackendSpec"]:  # noqa: F821
+    """Provide attention backends.
+
+    The factory returns a callable ``backend(q, k, v, *, causal, dropout_p=0.0,
+    need_weights=False) -> (out, weights_or_None)`` with q of shape (B, H, Tq, D) and k, v of
+    shape (B, H, Tk, D). When ``Tq < Tk`` (decoding with a key/value cache) the queries are the
+    last ``Tq`` positions, so causal masking is aligned to the bottom right. It may also carry a
+    ``supports_weights`` attribute (False when it cannot return attention maps).
+
+    Example::
+
+        @hookimpl
+        def bitlm_attention_backends():
+            yield AttentionBackendSpec("sdpa", SdpaAttention, "torch scaled_dot_product_attention")
+    """
+
+
+@hookspec
+def bitlm_compressors() -> Iterable["CompressorSpec"]:  # noqa: F821
+    """Provide lossless bit-stream codecs.
+
+    The factory returns an object with ``name``, ``compress(bits) -> bytes`` and
+    ``decompress(data, max_bits=...) -> torch.Tensor``; ``decompress`` raises
+    :class:`bitlm_core.errors.CodecError` on a truncated, corrupted or oversized stream.
+
+    Example::
+
+        @hookimpl
+        def bitlm_compressors():
+            yield CompressorSpec("rle", RunLengthCodec, "run lengths as varints")
+    """
+
+
+@hookspec
+def bitlm_telemetry_metrics() -> Iterable["TelemetryMetricSpec"]:  # noqa: F821
+    """Provide telemetry metrics.
+
+    The factory returns an object with ``name`` and ``__call__(bits, probs=None) -> Tensor`` of
+    shape (B,), one value per sequence, where ``probs`` is the model's probability of a 1 at each
+    position when available.
+
+    Example::
+
+        @hookimpl
+        def bitlm_telemetry_metrics():
+            yield TelemetryMetricSpec("lz_complexity", LZComplexity, "normalised LZ76 phrases")
+    """
+
+
+@hookspec
+def bitlm_safety_gates() -> Iterable["SafetyGateSpec"]:  # noqa: F821
+    """Provide safety gates.
+
+    The factory returns an object with ``check(metrics: dict[str, float]) -> GateDecision``
+    (see :mod:`bitlm_core.safety`), deciding whether an output may be released.
+
+    Example::
+
+        @hookimpl
+        def bitlm_safety_gates():
+            yield SafetyGateSpec("kcs", KCSGate, "floors on complexity and symbiosis")
+    """
+
+
+@hookspec
+def bitlm_scaling_strategies() -> Iterable["ScalingStrategySpec"]:  # noqa: F821
+    """Provide ways to grow a model during training.
+
+    The factory returns an object with ``grow(model) -> model`` that returns a larger model whose
+    outputs on existing inputs start out unchanged.
+
+    Example::
+
+        @hookimpl
+        def bitlm_scaling_strategies():
+            yield ScalingStrategySpec("depth", DepthGrowth, "append identity-initialised blocks")
+    """
+
+
+@hookspec
+def bitlm_objectives() -> Iterable["ObjectiveSpec"]:  # noqa: F821
+    """Provide training objectives.
+
+    The factory returns an object with ``causal`` (whether the model runs with a causal mask)
+    and ``__call__(model, bits) -> ObjectiveOutput`` whose ``loss`` is in nats per bit and whose
+    ``bits_per_byte`` is the figure reported for the batch (a bound, for non-causal objectives).
+
+    Example::
+
+        @hookimpl
+        def bitlm_objectives():
+            yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy")
+    """
+
+
+@hookspec
+def bitlm_samplers() -> Iterable["SamplerSpec"]:  # noqa: F821
+    """Provide samplers that generate bits from a model.
+
+    The factory returns an object with ``sample(model, prompt_bits, n_frames, generator) ->
+    torch.Tensor`` producing whole frames that the encoder can decode.
+
+    Example::
+
+        @hookimpl
+        def bitlm_samplers():
+            yield SamplerSpec("autoregressive", AutoregressiveSampler, "bit by bit, top-k/top-p")
+    """
+
+
+@hookspec
+def bitlm_corpora() -> Iterable["CorpusSpec"]:  # noqa: F821
+    """Provide training corpora.
+
+    The factory returns an object with ``name`` and ``read() -> bytes``.
+
+    Example::
+
+        @hookimpl
+        def bitlm_corpora():
+            yield CorpusSpec("file", FileCorpus, "a text file, optionally gzip-compressed")
+    """

@@ -1,0 +1,128 @@
+"""What each kind of component looks like (``typing.Protocol``), and the small result types.
+
+Implementations are plain classes that know nothing of pluggy: the registry calls a record's
+factory with the spec's options and the core calls the returned object directly. Shapes: ``B``
+batch, ``L`` bits, ``T`` positions, ``H`` heads, ``D`` head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch stays out of the import path of the CLI
+    import numpy as np
+    import torch
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: str
+    frame_bits: int  # bits per byte frame: 9 for parity9, 8 for raw8
+    has_parity: bool
+
+    def encode(self, data: bytes) -> "torch.Tensor": ...  # (N * frame_bits,) uint8
+
+    def encode_np(self, data: bytes) -> "np.ndarray": ...
+
+    def decode(self, bits: "torch.Tensor", repair: bool = False) -> bytes: ...
+
+    def enforce(self, frames: "np.ndarray") -> tuple["np.ndarray", int]: ...
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    supports_weights: bool
+
+    def __call__(self, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *,
+                 causal: bool, dropout_p: float = 0.0, need_weights: bool = False
+                 ) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
+        """q: (B, H, Tq, D), k, v: (B, H, Tk, D) -> out (B, H, Tq, D), weights (B, H, Tq, Tk).
+
+        With Tq < Tk the queries are the last Tq positions (key/value cache): a causal query i
+        sees keys j <= i + Tk - Tq.
+        """
+        ...
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    name: str
+
+    def compress(self, bits: "torch.Tensor") -> bytes: ...
+
+    def decompress(self, data: bytes, max_bits: int = ...) -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class TelemetryMetric(Protocol):
+    name: str
+
+    def __call__(self, bits: "torch.Tensor", probs: Optional["torch.Tensor"] = None
+                 ) -> "torch.Tensor":
+        """bits (B, L), probs (B, L) probability of a 1 or None -> one value per row (B,)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a safety gate lets an output through, and why not when it does not."""
+
+    allowed: bool
+    reasons: tuple[str, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@runtime_checkable
+class SafetyGate(Protocol):
+    name: str
+
+    def check(self, metrics: Mapping[str, float]) -> GateDecision: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: scalar to minimise (nats per predicted bit); bits_per_byte: reported figure."""
+
+    loss: "torch.Tensor"
+    bits_per_byte: float
+    extras: dict[str, float] = field(default_factory=dict)
+    is_bound: bool = False
+
+
+@runtime_checkable
+class Objective(Protocol):
+    name: str
+    causal: bool
+
+    def __call__(self, model: Any, bits: "torch.Tensor") -> ObjectiveOutput: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    name: str
+    causal: bool
+
+    def sample(self, model: Any, prompt: "torch.Tensor", n_frames: int,
+               generator: "torch.Generator") -> "torch.Tensor":
+        """prompt (P,) bits of whole frames -> (P + n_frames * frame_bits,) bits."""
+        ...
+
+
+@runtime_checkable
+class Corpus(Protocol):
+    name: str
+
+    def read(self) -> bytes: ...
+
+
+@runtime_checkable
+class ScalingStrategy(Protocol):
+    name: str
+
+    def grow(self, model: Any) -> Any: ...

@@ -1,0 +1,415 @@
+"""BitTransformerLM: a transformer that gives a probability for every bit of a text.
+
+Two layouts share one interface (``forward(tokens, causal) -> logits (B, L, 2)``, where
+``logits[:, i]`` is the distribution of bit ``i``):
+
+``flat``
+    one transformer position per bit. In causal mode position ``i`` reads bit ``i-1`` (a BOS
+    token at ``i = 0``) and predicts bit ``i``. A bit-phase embedding tells each position where
+    in its byte frame the predicted bit sits.
+
+``framed``
+    the backbone runs over byte frames (``frame_bits`` bits each: 9 for ``parity9``). Frame
+    ``t``'s hidden state summarises frames ``< t`` (a BOS frame first); a small local module
+    predicts the frame's bits one at a time from that state plus the frame's earlier bits. The
+    cost is that of a byte-level model, and prediction stays bit by bit.
+
+Non-causal mode (for denoising objectives) reads tokens in {0, 1, MASK} and predicts each
+position's own bit; nothing is shifted.
+
+Shapes: B batch, L bits, T backbone positions, F frame bits, C = d_model, H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitlm_core.errors import BitsError
+
+MASK = 2  # token value of a masked bit (non-causal objectives)
+BOS = 3  # token value of "before the start" (flat layout, causal)
+LAYOUTS = ("flat", "framed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layout: str = "framed"
+    frame_bits: int = 9
+    max_frames: int = 128  # context length in byte frames
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    dropout: float = 0.0
+    local: str = "tree"  # framed: local bit predictor, "tree" or "mlp"
+    local_layers: int = 2  # framed, mlp: residual MLP layers of the local bit predictor
+    local_dim: int = 128  # framed: width of the local bit predictor
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_frames * (self.frame_bits if self.layout == "flat" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d, hidden)
+        self.proj = nn.Linear(hidden, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads "
+                             f"({cfg.n_heads})")
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.backend = backend
+
+    def forward(self, x, causal: bool, cache: dict | None = None, need_weights: bool = False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        out, weights = self.backend(q, k, v, causal=causal,
+                                    dropout_p=self.dropout if self.training else 0.0,
+                                    need_weights=need_weights)
+        out = out.transpose(1, 2).reshape(B, T, C)
+        return self.proj(out), weights
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig, backend):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg, backend)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, causal: bool, cache: dict | None = None, need_weights: bool = False):
+        a, weights = self.attn(self.ln1(x), causal, cache, need_weights)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.ln2(x))
+        return x, weights
+
+
+class LocalBitPredictor(nn.Module):
+    """Predicts a frame's bits one at a time (framed layout).
+
+    Bit ``j`` of frame ``t`` is predicted from ``h_t`` (the backbone's summary of frames < t),
+    the phase ``j``, and the frame's earlier bits ``b_0 .. b_{j-1}``, entered as a sum of
+    (phase, value) embeddings, which is an exact, order-aware code of the prefix. Residual MLP
+    layers then compute the 2-way logits. All F bits of a frame are computed in parallel in
+    training (the prefix sums are exclusive cumulative sums), so no bit sees itself or later bits.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        F_, d = cfg.frame_bits, cfg.local_dim
+        self.frame_bits = F_
+        self.inp = nn.Linear(cfg.d_model, d)
+        self.phase = nn.Parameter(torch.zeros(F_, d))
+        self.prefix = nn.Embedding(F_ * 2, d)  # (phase, bit value) -> vector
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"ln": nn.LayerNorm(d), "mlp": MLP(d, 4 * d, cfg.dropout)})
+            for _ in range(cfg.local_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+
+    def prefix_code(self, bits):
+        """bits (..., F) in {0, 1} -> (..., F, d): exclusive cumulative sum of bit embeddings."""
+        idx = torch.arange(self.frame_bits, device=bits.device) * 2 + bits.long()
+        emb = self.prefix(idx)  # (..., F, d)
+        return torch.cumsum(emb, dim=-2) - emb
+
+    def forward(self, h, bits=None):
+        """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""
+        z = self.inp(h).unsqueeze(-2) + self.phase  # (..., F, d)
+        if bits is not None:
+            z = z + self.prefix_code(bits)
+        for layer in self.layers:
+            z = z + layer["mlp"](layer["ln"](z))
+        return self.head(self.ln_f(z))
+
+
+class TreeBitPredictor(nn.Module):
+    """Predicts a frame's bits one at a time with one linear classifier per bit prefix.
+
+    The bits before bit ``j`` of a frame select a node of a binary tree (``2**F - 1`` nodes:
+    511 for 9-bit frames); the node's weight vector and bias give the 2-way logits of bit ``j``
+    from a non-linear projection of ``h_t``. This is a byte distribution factored bit by bit,
+    at the cost of F dot products per byte, and it can learn the parity bit exactly (its node is
+    chosen by the 8 data bits). Non-causal use (no prefix known) uses the root-per-phase nodes.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        F_, d = cfg.frame_bits, cfg.local_dim
+        if F_ > 12:
+            raise ValueError(f"the tree local predictor supports frames of up to 12 bits, got "
+                             f"{F_}; use model.local: mlp")
+        self.frame_bits = F_
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.inp = nn.Linear(cfg.d_model, d)
+        n_nodes = 2 ** F_ - 1
+        self.weight = nn.Parameter(torch.zeros(n_nodes, 2, d))
+        self.bias = nn.Parameter(torch.zeros(n_nodes, 2))
+        self.phase = nn.Parameter(torch.zeros(F_, 2, d))  # used when no prefix is known
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.phase, std=0.02)
+        self.register_buffer("depth_start", 2 ** torch.arange(F_) - 1, persistent=False)
+
+    def nodes(self, bits):
+        """bits (..., F) -> (..., F) node index of each bit: tree level j, prefix value."""
+        F_ = self.frame_bits
+        weights = 2 ** torch.arange(F_ - 1, -1, -1, device=bits.device)  # MSB first
+        # value of bits[:j] as an integer, for every j: cumulative, then shift down
+        full = torch.cumsum(bits.long() * weights, dim=-1) - bits.long() * weights
+        prefix = full // (2 ** (F_ - torch.arange(F_, device=bits.device)))
+        return self.depth_start + prefix
+
+    def forward(self, h, bits=None):
+        """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""
+        z = F.gelu(self.inp(self.ln(h)))  # (..., d)
+        if bits is None:
+            return torch.einsum("...d,fcd->...fc", z, self.phase)
+        node = self.nodes(bits)  # (..., F)
+        w = self.weight[node]  # (..., F, 2, d)
+        return torch.einsum("...d,...fcd->...fc", z, w) + self.bias[node]
+
+
+class BitTransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend):
+        super().__init__()
+        if cfg.layout not in LAYOUTS:
+            raise ValueError(f"model.layout must be one of {', '.join(LAYOUTS)}, got "
+                             f"{cfg.layout!r}")
+        self.cfg = cfg
+        Fb, C = cfg.frame_bits, cfg.d_model
+        if cfg.layout == "flat":
+            self.tok = nn.Embedding(4, C)  # 0, 1, MASK, BOS
+            self.phase = nn.Embedding(Fb, C)
+        else:
+            self.frame_in = nn.Embedding(Fb * 3, C)  # (phase, value in {0, 1, MASK})
+            self.bos = nn.Parameter(torch.zeros(C))
+        self.pos = nn.Embedding(cfg.max_positions, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, backend) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(C)
+        if cfg.layout == "flat":
+            self.head = nn.Linear(C, 2)
+        elif cfg.local == "tree":
+            self.local = TreeBitPredictor(cfg)
+        elif cfg.local == "mlp":
+            self.local = LocalBitPredictor(cfg)
+        else:
+            raise ValueError(f"model.local must be 'tree' or 'mlp', got {cfg.local!r}")
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def frame_bits(self) -> int:
+        return self.cfg.frame_bits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_backend(self, backend) -> None:
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    # -- the backbone ---------------------------------------------------------------------
+    def _backbone(self, x, causal: bool, start: int = 0, caches=None, need_weights=False):
+        T = x.size(1)
+        if start + T > self.cfg.max_positions:
+            raise BitsError(f"input needs {start + T} positions, the model has "
+                            f"{self.cfg.max_positions}; score long texts with a sliding window")
+        x = self.drop(x + self.pos(torch.arange(start, start + T, device=x.device)))
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, causal, None if caches is None else caches[i], need_weights)
+            maps.append(w)
+        return self.ln_f(x), maps
+
+    def _frame_embed(self, tokens):
+        """tokens (B, T, F) in {0, 1, MASK} -> (B, T, C)."""
+        idx = torch.arange(self.frame_bits, device=tokens.device) * 3 + tokens.long()
+        return self.frame_in(idx).sum(dim=-2)
+
+    def forward(self, tokens, causal: bool = True, return_attention: bool = False):
+        """tokens (B, L) -> logits (B, L, 2); with ``return_attention`` also per-layer maps.
+
+        Causal: tokens are bits and logits[:, i] depends only on tokens[:, :i]. Non-causal:
+        tokens may hold MASK and logits[:, i] predicts bit i from every token.
+        """
+        if tokens.dim() != 2:
+            raise BitsError(f"model input must have shape (B, L), got {tuple(tokens.shape)}")
+        B, L = tokens.shape
+        Fb = self.frame_bits
+        if self.cfg.layout == "flat":
+            if causal:
+                bos = torch.full((B, 1), BOS, dtype=tokens.dtype, device=tokens.device)
+                inp = torch.cat([bos, tokens[:, :-1]], dim=1)
+            else:
+                inp = tokens
+            phase = torch.arange(L, device=tokens.device) % Fb
+            x = self.tok(inp.long()) + self.phase(phase)
+            h, maps = self._backbone(x, causal, need_weights=return_attention)
+            logits = self.head(h)
+        else:
+            if L % Fb:
+                raise BitsError(f"framed model input has {L} bits, not a whole number of "
+                                f"{Fb}-bit frames")
+            frames = tokens.view(B, L // Fb, Fb)
+            if causal:
+                x = self._frame_embed(frames[:, :-1])
+                x = torch.cat([self.bos.expand(B, 1, -1), x], dim=1)
+                h, maps = self._backbone(x, True, need_weights=return_attention)
+                logits = self.local(h, frames)
+            else:
+                h, maps = self._backbone(self._frame_embed(frames), False,
+                                         need_weights=return_attention)
+                logits = self.local(h)
+            logits = logits.reshape(B, L, 2)
+        return (logits, maps) if return_attention else logits
+
+    # -- incremental decoding -------------------------------------------------------------
+    def decoder(self, prompt) -> "IncrementalDecoder":
+        """A key/value-cached decoder primed with ``prompt`` (B, P) bits of whole frames."""
+        return IncrementalDecoder(self, prompt)
+
+
+class IncrementalDecoder:
+    """Causal, cached, bit-by-bit decoding for both layouts.
+
+    ``logits()`` gives (B, 2) for the next bit; ``push(bits)`` appends (B,) bits. When the
+    context is full the decoder keeps the last half of it (cut at a frame boundary) and
+    re-primes, so generation can run past ``max_frames``.
+    """
+
+    def __init__(self, model: BitTransformerLM, prompt):
+        self.model = model
+        self.Fb = model.frame_bits
+        self.history = prompt.to(torch.uint8)
+        if self.history.size(1) % self.Fb:
+            raise BitsError(f"prompt has {self.history.size(1)} bits, not a whole number of "
+                            f"{self.Fb}-bit frames")
+        self._prime(self.history)
+
+    @property
+    def layout(self) -> str:
+        return self.model.cfg.layout
+
+    def _new_caches(self):
+        return [dict() for _ in self.model.blocks]
+
+    @torch.no_grad()
+    def _prime(self, bits, trim: bool = False):
+        """Fill the cache from whole frames; keep only the last half-context when they do not
+        fit (one position goes to BOS) or when ``trim`` asks for room."""
+        m, B = self.model, bits.size(0)
+        if trim or bits.size(1) > (m.cfg.max_frames - 1) * self.Fb:
+            keep = max(1, m.cfg.max_frames // 2) * self.Fb
+            bits = bits[:, max(0, bits.size(1) - keep):]
+        self.caches = self._new_caches()
+        self.frame_prefix = bits[:, :0]  # bits of the current, unfinished frame
+        if self.layout == "flat":
+            bos = torch.full((B, 1), BOS, dtype=torch.long, device=bits.device)
+            inp = torch.cat([bos, bits.long()], dim=1)  # predicts bits[0..], then the next bit
+            phase = torch.arange(inp.size(1), device=bits.device) % self.Fb
+            self.pos = 0
+            h = self._step_flat(m.tok(inp) + m.phase(phase))
+            self.last = m.head(h[:, -1])
+        else:
+            frames = bits.view(B, -1, self.Fb)
+            x = torch.cat([m.bos.expand(B, 1, -1), m._frame_embed(frames)], dim=1)
+            self.pos = 0
+            h, _ = m._backbone(x, True, start=0, caches=self.caches)
+            self.pos = x.size(1)
+            self.h = h[:, -1]
+            self.last = self._local_logits()
+
+    def _step_flat(self, x):
+        h, _ = self.model._backbone(x, True, start=self.pos, caches=self.caches)
+        self.pos += x.size(1)
+        return h
+
+    def _local_logits(self):
+        local = self.model.local
+        j = self.frame_prefix.size(1)
+        full = torch.zeros(self.h.size(0), self.Fb, dtype=torch.long, device=self.h.device)
+        full[:, :j] = self.frame_prefix
+        return local(self.h, full)[:, j]  # entry j only uses bits < j
+
+    def logits(self):
+        return self.last
+
+    @torch.no_grad()
+    def push(self, bit):
+        m = self.model
+        bit = bit.to(torch.uint8).view(-1, 1)
+        self.history = torch.cat([self.history, bit], dim=1)
+        L = self.history.size(1)
+        if self.layout == "flat":
+            if self.pos >= m.cfg.max_positions:
+                self._prime(self.history[:, : L - (L % self.Fb)], trim=True)
+                # re-feed the unfinished frame's bits
+                for b in self.history[:, L - (L % self.Fb):].unbind(1):
+                    self._feed_flat(b)
+                return
+            self._feed_flat(bit.view(-1))
+        else:
+            self.frame_prefix = torch.cat([self.frame_prefix, bit], dim=1)
+            if self.frame_prefix.size(1) == self.Fb:
+                if self.pos >= m.cfg.max_frames:
+                    self._prime(self.history, trim=True)
+                    return
+                frame = self.frame_prefix.view(-1, 1, self.Fb)
+                h, _ = m._backbone(m._frame_embed(frame), True, start=self.pos,
+                                   caches=self.caches)
+                self.pos += 1
+                self.h = h[:, -1]
+                self.frame_prefix = self.frame_prefix[:, :0]
+            self.last = self._local_logits()
+
+    def _feed_flat(self, bit):
+        m = self.model
+        phase = torch.full_like(bit, self.pos % self.Fb).long()
+        x = (m.tok(bit.long()) + m.phase(phase)).unsqueeze(1)
+        self.last = m.head(self._step_flat(x)[:, -1])

@@ -1,0 +1,125 @@
+"""The typed records that plugins provide, one dataclass per component kind.
+
+A record is a frozen dataclass with a ``name`` (what a spec writes), a ``factory`` (called with
+the spec's ``options`` as keyword arguments; its signature is what options are bound against),
+and a one-line ``description``. ``plugin`` and ``distribution`` are filled in by the registry
+with where the record came from, so error messages and ``bitlm plugins list`` can name it.
+
+Records are cheap to create: building one must not import torch. Heavy imports belong inside the
+factory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+    plugin: str | None = field(default=None, compare=False)
+    distribution: str | None = field(default=None, compare=False)
+
+    kind: ClassVar[str] = "component"
+
+    def with_origin(self, plugin: str, distribution: str | None) -> "ComponentSpec":
+        return dataclasses.replace(self, plugin=plugin, distribution=distribution)
+
+    @property
+    def origin(self) -> str:
+        if self.distribution and self.distribution != self.plugin:
+            return f"plugin '{self.plugin}' (distribution {self.distribution})"
+        return f"plugin '{self.plugin}'"
+
+
+@dataclass(frozen=True)
+class EncoderSpec(ComponentSpec):
+    """Turns bytes into bits and back (``parity9``, ``raw8``)."""
+
+    kind: ClassVar[str] = "encoder"
+
+
+@dataclass(frozen=True)
+class AttentionBackendSpec(ComponentSpec):
+    """Computes attention given q, k, v (``reference``, ``sdpa``)."""
+
+    kind: ClassVar[str] = "attention"
+
+
+@dataclass(frozen=True)
+class CompressorSpec(ComponentSpec):
+    """A lossless codec for bit streams (``identity``, ``rle``, ``pack``)."""
+
+    kind: ClassVar[str] = "compressor"
+
+
+@dataclass(frozen=True)
+class TelemetryMetricSpec(ComponentSpec):
+    """A per-sequence metric of bits or of the model's predictions (``negentropy``...)."""
+
+    kind: ClassVar[str] = "telemetry"
+
+
+@dataclass(frozen=True)
+class SafetyGateSpec(ComponentSpec):
+    """Decides whether an output may be released (``none``, ``kcs``)."""
+
+    kind: ClassVar[str] = "safety"
+
+
+@dataclass(frozen=True)
+class ScalingStrategySpec(ComponentSpec):
+    """Grows a model during training (``depth``, ``width``, ``context``)."""
+
+    kind: ClassVar[str] = "scaling"
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec(ComponentSpec):
+    """Turns (model, batch) into a loss (``causal``, ``diffusion``)."""
+
+    kind: ClassVar[str] = "objective"
+
+
+@dataclass(frozen=True)
+class SamplerSpec(ComponentSpec):
+    """Generates bits from a model (``autoregressive``, ``diffusion``)."""
+
+    kind: ClassVar[str] = "sampler"
+
+
+@dataclass(frozen=True)
+class CorpusSpec(ComponentSpec):
+    """Provides training text as bytes (``quickstart``, ``file``)."""
+
+    kind: ClassVar[str] = "corpus"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component: the hook that provides it and its record type."""
+
+    name: str
+    hook: str
+    record: type[ComponentSpec]
+    title: str
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in [
+        Kind("encoder", "bitlm_encoders", EncoderSpec, "encoders"),
+        Kind("attention", "bitlm_attention_backends", AttentionBackendSpec, "attention backends"),
+        Kind("compressor", "bitlm_compressors", CompressorSpec, "compressors"),
+        Kind("telemetry", "bitlm_telemetry_metrics", TelemetryMetricSpec, "telemetry metrics"),
+        Kind("safety", "bitlm_safety_gates", SafetyGateSpec, "safety gates"),
+        Kind("scaling", "bitlm_scaling_strategies", ScalingStrategySpec, "scaling strategies"),
+        Kind("objective", "bitlm_objectives", ObjectiveSpec, "objectives"),
+        Kind("sampler", "bitlm_samplers", SamplerSpec, "samplers"),
+        Kind("corpus", "bitlm_corpora", CorpusSpec, "corpora"),
+    ]
+}

@@ -1,0 +1,292 @@
+"""What ``bitlm run``, ``bitlm eval`` and ``bitlm sample`` do, without the CLI around them.
+
+A run folder holds everything a run produced::
+
+    spec.yaml          the fully resolved spec (every default filled in)
+    data/              the corpus as packed, memory-mapped bits
+    checkpoints/       see bitlm_core.checkpoint
+    metrics.jsonl      one JSON record per logged step or evaluation
+    samples.txt        generated text
+    summary.json       final figures
+
+Running the same spec into an existing folder resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from bitlm_core.components import Resolved, build, resolve_spec
+from bitlm_core.errors import CheckpointError, DataError, SafetyError, SpecError
+from bitlm_core.spec import RunSpec, validate_spec
+
+SPEC_FILE = "spec.yaml"
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@dataclass
+class Components:
+    """The built components of a run (everything but the model)."""
+
+    resolved: dict[str, Resolved]
+    encoder: Any
+    attention: Any
+    objective: Any
+    compressor: Any
+    gate: Any
+    sampler: Any
+    telemetry: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, spec: RunSpec) -> "Components":
+        r = resolve_spec(spec)
+        telemetry = {}
+        for path, res in r.items():
+            if res.kind == "telemetry":
+                metric = build(res)
+                telemetry[getattr(metric, "name", res.record.name)] = metric
+        objective = build(r["objective"])
+        sampler = build(r["sample.sampler"])
+        if getattr(sampler, "causal", True) != getattr(objective, "causal", True):
+            raise SpecError(
+                f"sample.sampler '{spec.sample.sampler.name}' and objective "
+                f"'{spec.objective.name}' disagree: one is causal and the other is not; pick a "
+                "sampler made for the objective"
+            )
+        return cls(resolved=r, encoder=build(r["data.encoder"]), attention=build(r["attention"]),
+                   objective=objective, compressor=build(r["compression"]),
+                   gate=build(r["safety.gate"]), sampler=sampler, telemetry=telemetry)
+
+
+def build_model(spec: RunSpec, comps: Components):
+    import torch
+
+    from bitlm_core.model import BitTransformerLM
+    from bitlm_core.train import model_config
+
+    torch.manual_seed(spec.train.seed)
+    return BitTransformerLM(model_config(spec, comps.encoder.frame_bits), comps.attention)
+
+
+# -- run folders ----------------------------------------------------------------------------
+def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
+    """Create or check the run folder; True when it holds a checkpoint to resume from."""
+    from bitlm_core.checkpoint import latest_checkpoint
+
+    saved = run_dir / SPEC_FILE
+    if run_dir.exists() and restart:
+        shutil.rmtree(run_dir)
+    if saved.is_file():
+        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        current = spec.to_dict()
+        diff = [k for k in _diff_keys(previous, current) if not k.startswith("output.")]
+        if diff:
+            raise CheckpointError(
+                f"run folder {run_dir} holds a run of a different spec (differs at: "
+                f"{', '.join(diff[:6])}). Choose another folder with --out, or pass --restart "
+                "to discard that run"
+            )
+        return latest_checkpoint(run_dir) is not None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} exists and is not a bitlm run folder (no {SPEC_FILE});"
+                              " choose another folder with --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False),
+                                     encoding="utf-8")
+    return False
+
+
+def load_dataset(spec: RunSpec, comps: Components, run_dir: Path):
+    from bitlm_core.dataset import prepare_dataset
+
+    corpus = build(comps.resolved["data.corpus"])
+    data = corpus.read()
+    return prepare_dataset(data, comps.encoder, spec.data.seq_len, spec.data.val_fraction,
+                           run_dir / "data", source=f"corpus '{spec.data.corpus.name}'",
+                           require_utf8=spec.data.require_utf8)
+
+
+def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
+            log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+    """Train (or resume), evaluate, sample; return the summary written to summary.json."""
+    from bitlm_core.checkpoint import latest_checkpoint, load_optimizer, load_weights, read_state
+    from bitlm_core.train import TrainState, Trainer, evaluate, set_threads
+
+    run_dir = Path(run_dir or spec.run_dir())
+    comps = Components.build(spec)
+    resume = prepare_run_dir(spec, run_dir, restart)
+    set_threads(spec.train.threads)
+    dataset = load_dataset(spec, comps, run_dir)
+    model = build_model(spec, comps)
+    log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
+        f"parameters  |  {dataset.train.n_frames:,} training bytes, {dataset.val.n_frames:,} "
+        f"held-out")
+
+    def meta(state: TrainState) -> dict[str, Any]:
+        return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
+                "elapsed": state.elapsed, "metrics": state.metrics}
+
+    trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
+                      compressor=comps.compressor if spec.compression.prob > 0 else None,
+                      telemetry=comps.telemetry, progress=progress, log=log)
+    state = TrainState()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        saved = read_state(ckpt)
+        load_weights(ckpt, model)
+        load_optimizer(ckpt, trainer.optimizer, saved)
+        state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
+                           metrics=saved.get("metrics", {}))
+        log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
+    if state.step < spec.train.steps:
+        state = trainer.fit(state)
+    final = evaluate(model, comps.objective, dataset, spec.train.batch_size)
+    trainer.write_metrics({"split": "val", "step": state.step, "final": True, **final})
+    label = "bound on " if final["bound"] else ""
+    log(f"held-out {label}bits per byte: {final['bits_per_byte']:.4f} over {final['bytes']:,} "
+        f"bytes")
+    samples = []
+    for i in range(spec.sample.count):
+        result = generate(model, comps, spec.sample.prompt, spec.sample.bytes,
+                          seed=spec.sample.seed + i, strict=spec.safety.strict)
+        samples.append(result)
+    with open(run_dir / "samples.txt", "w", encoding="utf-8") as f:
+        for i, s in enumerate(samples):
+            f.write(f"--- sample {i} (seed {spec.sample.seed + i}"
+                    f"{', blocked: ' + '; '.join(s.decision.reasons) if not s.decision else ''})"
+                    f" ---\n{s.text}\n")
+    summary = {
+        "run_dir": str(run_dir), "steps": state.step, "train_seconds": round(state.elapsed, 2),
+        "parameters": model.num_parameters(), "layout": spec.model.layout,
+        "held_out_bits_per_byte": final["bits_per_byte"], "held_out_bytes": final["bytes"],
+        "is_bound": final["bound"], "samples": [s.text for s in samples],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+# -- using a finished run -------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    spec: RunSpec
+    comps: Components
+    model: Any
+    step: int
+
+
+def load_run(run_dir: Path | str) -> LoadedRun:
+    """Rebuild a run's model from its resolved spec and newest checkpoint (never unpickles)."""
+    from bitlm_core.checkpoint import latest_checkpoint, load_weights, read_state
+
+    run_dir = Path(run_dir)
+    spec_path = run_dir / SPEC_FILE
+    if not spec_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a bitlm run folder (no {SPEC_FILE}); give the "
+                              "folder that `bitlm run` wrote (default runs/<name>)")
+    spec = validate_spec(yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {},
+                         str(spec_path))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; run `bitlm run` to train it")
+    state = read_state(ckpt)
+    comps = Components.build(spec)
+    model = build_model(spec, comps)
+    load_weights(ckpt, model)
+    model.eval()
+    return LoadedRun(run_dir, spec, comps, model, state["step"])
+
+
+def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 32
+                   ) -> dict[str, Any]:
+    """Bits per byte of ``run``'s model on any text, over non-overlapping windows.
+
+    The text is cut into windows of the model's context (``data.seq_len`` bytes); a last partial
+    window is scored too, so every byte counts.
+    """
+    import torch
+
+    from bitlm_core.dataset import check_text
+
+    check_text(data, source, run.spec.data.require_utf8)
+    enc = run.comps.encoder
+    Fb, W = enc.frame_bits, run.spec.data.seq_len
+    bits = torch.from_numpy(enc.encode_np(data))
+    total, n_bytes = 0.0, 0
+    with torch.no_grad():
+        full = (len(data) // W) * W
+        rows = bits[: full * Fb].view(-1, W * Fb)
+        for i in range(0, rows.size(0), batch_size):
+            batch = rows[i:i + batch_size]
+            out = run.comps.objective(run.model, batch)
+            total += out.bits_per_byte * batch.numel() / Fb
+            n_bytes += batch.numel() // Fb
+        if full < len(data):
+            tail = bits[full * Fb:].view(1, -1)
+            out = run.comps.objective(run.model, tail)
+            total += out.bits_per_byte * tail.numel() / Fb
+            n_bytes += tail.numel() // Fb
+    return {"bits_per_byte": total / n_bytes, "bytes": n_bytes,
+            "is_bound": bool(getattr(run.comps.objective, "is_bound", False))}
+
+
+@dataclass
+class SampleResult:
+    text: str
+    bits: Any
+    decision: Any
+    parity_fixed: int = 0
+    seconds: float = 0.0
+
+
+def generate(model, comps: Components, prompt: str, n_bytes: int, seed: int = 0,
+             strict: bool = False, sampler=None) -> SampleResult:
+    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through the gate."""
+    import numpy as np
+    import torch
+
+    sampler = sampler or comps.sampler
+    enc = comps.encoder
+    prompt_bits = enc.encode(prompt.encode("utf-8"))
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    bits = sampler.sample(model, prompt_bits, n_bytes, gen, enc)
+    frames = bits.cpu().numpy().reshape(-1, enc.frame_bits)
+    frames, fixed = enc.enforce(frames)
+    new = frames[len(prompt_bits) // enc.frame_bits:]
+    text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
+        "utf-8", errors="replace")
+    metrics: dict[str, float] = {}
+    if comps.telemetry and len(new):
+        row = torch.from_numpy(np.ascontiguousarray(new.reshape(1, -1)))
+        for name, metric in comps.telemetry.items():
+            try:
+                metrics[name] = float(metric(row, None).float().mean())
+            except Exception:  # metrics that need model probabilities are skipped here
+                continue
+    decision = comps.gate.check(metrics)
+    if not decision and strict:
+        raise SafetyError("safety gate blocked the sample: " + "; ".join(decision.reasons))
+    return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start)
+
+
+def read_text_file(path: Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    return path.read_bytes()

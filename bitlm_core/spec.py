@@ -1,0 +1,276 @@
+"""The run spec: YAML (loaded with ``yaml.safe_load``) validated into frozen pydantic models.
+
+Every component slot has the shape ``{name: ..., options: {...}}``. Unknown keys are errors with
+a close-match suggestion; wrong types name their key path. Options are checked against the
+component's factory signature by :func:`resolve_spec` (``bitlm validate``), before any tensor is
+built. A spec is data: nothing in it is ever evaluated as code.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bitlm_core.errors import SpecError
+
+QUICKSTART_SPEC = "quickstart.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component(Strict):
+    """A named component and the options passed to its factory."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(Strict):
+    corpus: Component = Component(name="quickstart")
+    encoder: Component = Component(name="parity9")
+    seq_len: int = Field(128, ge=2, description="window length in bytes (byte frames)")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out tail of the corpus")
+    require_utf8: bool = True
+
+
+class ModelSection(Strict):
+    layout: Literal["flat", "framed"] = "framed"
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_ff: Optional[int] = Field(None, ge=1, description="default 4 * d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    local: Literal["tree", "mlp"] = Field("tree", description="framed layout: local bit "
+                                                              "predictor")
+    local_layers: int = Field(2, ge=0, description="framed layout, mlp: local predictor depth")
+    local_dim: Optional[int] = Field(None, ge=8, description="framed layout: default d_model")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads})")
+        return self
+
+
+class AttentionSection(Component):
+    name: str = "reference"
+
+
+class ObjectiveSection(Component):
+    name: str = "causal"
+
+
+class TrainSection(Strict):
+    steps: int = Field(1000, ge=1, description="optimizer steps (the schedule's horizon)")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 0
+    threads: Union[int, Literal["auto"]] = Field(1, description="torch threads; 'auto' keeps "
+                                                                "torch's default")
+    eval_every: int = Field(200, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop early (and checkpoint) "
+                                                                 "after this long")
+
+
+class CompressionSection(Component):
+    name: str = "identity"
+    prob: float = Field(0.0, ge=0, le=1, description="share of batches round-tripped")
+
+
+class TelemetrySection(Strict):
+    metrics: list[Component] = Field(default_factory=list)
+    every: int = Field(100, ge=1)
+
+
+class SafetySection(Strict):
+    gate: Component = Component(name="none")
+    strict: bool = False
+
+
+class ScalingSection(Strict):
+    strategy: Optional[Component] = None
+
+
+class SampleSection(Strict):
+    sampler: Component = Component(name="autoregressive")
+    prompt: str = "The "
+    bytes: int = Field(200, ge=0)
+    count: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class DistributedSection(Strict):
+    backend: Literal["none"] = Field("none", description="multi-process training is not "
+                                                         "available yet")
+
+
+class OutputSection(Strict):
+    dir: Optional[str] = Field(None, description="run folder; default runs/<name>")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class RunSpec(Strict):
+    name: str = "run"
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    attention: AttentionSection = AttentionSection()
+    objective: ObjectiveSection = ObjectiveSection()
+    train: TrainSection = TrainSection()
+    compression: CompressionSection = CompressionSection()
+    telemetry: TelemetrySection = TelemetrySection()
+    safety: SafetySection = SafetySection()
+    scaling: ScalingSection = ScalingSection()
+    sample: SampleSection = SampleSection()
+    distributed: DistributedSection = DistributedSection()
+    output: OutputSection = OutputSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+
+# -- loading -------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path} (check the path, or run `bitlm run` with "
+                        "no spec for the embedded quickstart)")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{source} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{source} must be a YAML mapping of sections (data, model, train, ...), "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def quickstart_dict() -> dict[str, Any]:
+    text = resources.files("bitlm_core.data").joinpath(QUICKSTART_SPEC).read_text("utf-8")
+    return parse_yaml(text, "the embedded quickstart spec")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars or lists."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r} must look like key.path=value "
+                            "(for example train.steps=200)")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise SpecError(f"override {item!r} has an empty key path segment")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, "
+                                "not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def validate_spec(raw: dict[str, Any], source: str = "spec") -> RunSpec:
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path | None = None, overrides=()) -> RunSpec:
+    """Read (or take the embedded quickstart), apply overrides, validate."""
+    if path is None:
+        raw, source = quickstart_dict(), "the quickstart spec"
+    else:
+        raw, source = read_yaml(path), str(path)
+    return validate_spec(apply_overrides(raw, list(overrides)), source)
+
+
+# -- errors ----------------------------------------------------------------------------------
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = RunSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        cls = _unwrap(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} does not validate ({exc.error_count()} problem"
+             f"{'s' if exc.error_count() != 1 else ''}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            known = list(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            msg = f"  {path}: unknown key"
+            if hint:
+                msg += f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?"
+            if known:
+                msg += f" (allowed here: {', '.join(known)})"
+            lines.append(msg)
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f", got {given!r}"
+            lines.append(f"  {path}: {err['msg']}{shown}")
+    return "\n".join(lines)
