@@ -145,7 +145,8 @@ class LocalBitPredictor(nn.Module):
         """bits (..., F) in {0, 1} -> (..., F, d): exclusive cumulative sum of bit embeddings."""
         idx = torch.arange(self.frame_bits, device=bits.device) * 2 + bits.long()
         emb = self.prefix(idx)  # (..., F, d)
-        return torch.cumsum(emb, dim=-2) - emb
+        shifted = torch.cat([torch.zeros_like(emb[..., :1, :]), emb[..., :-1, :]], dim=-2)
+        return torch.cumsum(shifted, dim=-2)  # exact: bit j's entry never adds then subtracts
 
     def forward(self, h, bits=None):
         """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""

@@ -110,6 +110,7 @@ class PluginManager:
 
     # -- loading -------------------------------------------------------------------------
     def register_module(self, info: PluginInfo, module: Any) -> None:
+        self.infos[info.name] = info
         unknown = [
             name
             for name in dir(module)
@@ -126,8 +127,6 @@ class PluginManager:
             self.pm.register(module, name=info.name)
         except Exception as exc:  # pluggy validation errors and name clashes
             self.fail(info, describe_exception(exc))
-            return
-        self.infos[info.name] = info
 
     def load_builtins(self) -> None:
         module = importlib.import_module(BUILTIN_MODULE)

@@ -134,7 +134,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     dataset = load_dataset(spec, comps, run_dir)
     model = build_model(spec, comps)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
-        f"parameters  |  {dataset.train.n_frames:,} training bytes, {dataset.val.n_frames:,} "
+        f"parameters, attention {getattr(comps.attention, 'name', spec.attention.name)}  |  {dataset.train.n_frames:,} training bytes, {dataset.val.n_frames:,} "
         f"held-out")
 
     def meta(state: TrainState) -> dict[str, Any]:

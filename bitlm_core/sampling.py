@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def choose_bit(logits, generator, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0):
@@ -12,6 +10,8 @@ def choose_bit(logits, generator, temperature: float = 1.0, top_k: int = 0,
     ``temperature`` 0 (or ``top_k`` 1) is greedy. With two outcomes, top-p keeps only the more
     likely bit when its probability already reaches ``top_p``.
     """
+    import torch
+
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)

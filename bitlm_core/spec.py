@@ -195,10 +195,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         parts = [p for p in key.strip().split(".")]
         if not all(parts):
             raise SpecError(f"override {item!r} has an empty key path segment")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+        value = _parse_value(text)
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -210,6 +207,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             node = child
         node[parts[-1]] = value
     return raw
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML value, where numbers YAML 1.1 leaves as strings (``1e-3``) become floats."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".en") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def validate_spec(raw: dict[str, Any], source: str = "spec") -> RunSpec:

@@ -145,7 +145,7 @@ class Trainer:
             bits, compressed = self.batch(state.step, micro)
             out = self.objective(self.model, bits)
             (out.loss / self.t.grad_accum).backward()
-            loss_sum += float(out.loss)
+            loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
             n_compressed += int(compressed)
         if not math.isfinite(loss_sum):

@@ -36,3 +36,28 @@ class ReferenceAttention:
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
         out = torch.matmul(dropped, v)
         return out, (weights if need_weights else None)
+
+
+#: Order in which ``auto`` tries backends; installed backends not listed come after these.
+AUTO_PREFERENCE = ("sdpa", "reference")
+
+
+def auto_attention():
+    """The fastest installed backend (``sdpa`` when its plugin is installed, else ``reference``).
+
+    The chosen backend's ``name`` says which one was picked; ``bitlm run`` prints it.
+    """
+    from bitlm_core.registry import get_registry
+
+    registry = get_registry()
+    names = [n for n in AUTO_PREFERENCE if registry.get("attention", n)]
+    names += [n for n in registry.names("attention") if n not in names and n != "auto"]
+    for name in names:
+        try:
+            backend = registry.build("attention", name, {}, "attention")
+        except Exception:  # a backend that needs options cannot be picked blindly
+            continue
+        if not hasattr(backend, "name"):
+            backend.name = name
+        return backend
+    return ReferenceAttention()

@@ -17,10 +17,12 @@ def bitlm_encoders():
 
 @hookimpl
 def bitlm_attention_backends():
-    from bitlm_core.builtins.attention import ReferenceAttention
+    from bitlm_core.builtins.attention import ReferenceAttention, auto_attention
 
     yield AttentionBackendSpec("reference", ReferenceAttention,
                                "explicit softmax(QK^T)V; can return attention maps")
+    yield AttentionBackendSpec("auto", auto_attention,
+                               "the fastest installed backend (sdpa if installed)")
 
 
 @hookimpl

@@ -1,0 +1,36 @@
+# bitlm: `make run` trains the quickstart, `make test` runs every test.
+# Both create .venv on first use and install core plus every plugin (editable).
+#
+# TORCH picks the PyTorch build installed when .venv has none. The default is the CPU wheel of
+# this project's machines; for a GPU build, install it into .venv first (or set TORCH), and pip
+# keeps it, since bitlm-core only asks for torch>=2.2.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+STAMP  := $(VENV)/.bitlm-installed
+
+.PHONY: run test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]" $(foreach p,$(PLUGINS),-e $(p))
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/bitlm run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/attention.py --quick
+	$(BIN)/python benchmarks/telemetry.py
+
+clean:
+	rm -rf $(VENV) runs .hypothesis

@@ -1,0 +1,304 @@
+"""The ``bitlm`` command line (Typer + rich).
+
+Start-up stays fast: this module imports neither torch nor numpy; commands that need them
+import them when they run. Errors from bad input print one clear message and exit with status
+2; ``--debug`` (or ``BITLM_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+# One thread that waits passively beats two busy-waiting ones for small models on a 2-core
+# machine (BENCHMARKS.md); must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bitlm_core.errors import BitlmError  # noqa: E402
+
+app = typer.Typer(
+    name="bitlm",
+    help="Train, evaluate and sample bit-native transformer language models.\n\n"
+         "`bitlm run` with no spec trains the embedded quickstart.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+plugins_app = typer.Typer(help="Inspect installed plugins and the components they provide.",
+                          no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": os.environ.get("BITLM_DEBUG", "") not in ("", "0")}
+
+
+@contextmanager
+def user_errors():
+    """Turn bitlm errors into one message and an exit status; keep tracebacks for --debug."""
+    try:
+        yield
+    except BitlmError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err.print("interrupted. Run the same command again to resume from the last checkpoint.")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug, not bad input: say so, and how to see more
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                  "Run again with --debug for the traceback.", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bitlm_core import __version__
+
+        out.print(f"bitlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+OverrideOpt = typer.Option(None, "--override", "-o", metavar="KEY=VALUE",
+                           help="Override a spec value by dotted path, e.g. -o train.steps=200. "
+                                "Repeatable; values are parsed as YAML.")
+
+
+# -- run / validate ---------------------------------------------------------------------------
+@app.command()
+def run(
+    spec: Optional[Path] = typer.Argument(None, help="Run spec (YAML). Omit for the quickstart."),
+    override: Optional[List[str]] = OverrideOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: "
+                                           "output.dir of the spec, else runs/<name>)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an existing run in the "
+                                 "folder instead of resuming it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a model from a spec, evaluate held-out bits per byte, and sample text.
+
+    Running again into the same folder resumes from the newest checkpoint.
+    """
+    with user_errors():
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        from bitlm_core.run import execute
+        from bitlm_core.spec import load_spec
+
+        run_spec = load_spec(spec, override or [])
+        progress = None if quiet else Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=err, transient=False)
+        log = (lambda msg: None) if quiet else err.print
+        if progress is not None:
+            with progress:
+                summary = execute(run_spec, out_dir, restart=restart, progress=progress,
+                                  log=progress.console.print)
+        else:
+            summary = execute(run_spec, out_dir, restart=restart, log=log)
+        label = "bound on held-out" if summary["is_bound"] else "held-out"
+        out.print(f"{label} bits per byte: {summary['held_out_bits_per_byte']:.4f} "
+                  f"({summary['held_out_bytes']:,} bytes, {summary['steps']} steps)")
+        for i, text in enumerate(summary["samples"]):
+            out.print(f"--- sample {i} ---")
+            out.print(text, markup=False)
+        out.print(f"run folder: {summary['run_dir']}")
+
+
+@app.command()
+def validate(
+    spec: Path = typer.Argument(..., help="Run spec (YAML) to check."),
+    override: Optional[List[str]] = OverrideOpt,
+) -> None:
+    """Check a spec: keys, types, component names and their options. Builds no tensors."""
+    with user_errors():
+        from bitlm_core.components import resolve_spec
+        from bitlm_core.spec import load_spec
+
+        run_spec = load_spec(spec, override or [])
+        resolved = resolve_spec(run_spec)
+        table = Table(title=f"{spec} is valid", show_lines=False)
+        for col in ("slot", "component", "from", "options"):
+            table.add_column(col)
+        for path, res in resolved.items():
+            table.add_row(path, res.record.name, res.record.plugin or "",
+                          json.dumps(res.options) if res.options else "")
+        out.print(table)
+        out.print(f"run folder: {run_spec.run_dir()}")
+
+
+# -- plugins ----------------------------------------------------------------------------------
+@plugins_app.command("list")
+def plugins_list(
+    all_: bool = typer.Option(False, "--all", help="Also list every component and its "
+                              "description."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List plugins: name, package, version, status (active, disabled, failed) and what each
+    provides."""
+    import warnings
+
+    with user_errors():
+        from bitlm_core.plugins import PluginWarning
+        from bitlm_core.registry import get_registry
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # shown in the table instead
+            registry = get_registry()
+        infos = list(registry.manager.infos.values())
+        if as_json:
+            data = {"plugins": [i.as_dict() for i in infos]}
+            if all_:
+                data["components"] = [
+                    {"kind": kind, "name": r.name, "plugin": r.plugin,
+                     "description": r.description}
+                    for kind, records in registry.records.items() for r in records.values()]
+            out.print_json(json.dumps(data))
+            return
+        table = Table(title="bitlm plugins")
+        for col in ("plugin", "package", "version", "status", "provides"):
+            table.add_column(col, overflow="fold")
+        for i in infos:
+            status = {"active": "[green]active[/]", "disabled": "[yellow]disabled[/]"}.get(
+                i.status, f"[red]failed[/]: {i.error}")
+            provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.provides.items())
+            table.add_row(i.name, i.distribution or "", i.version or "", status, provides)
+        out.print(table)
+        if all_:
+            _components_table(registry, list(registry.records))
+
+
+def _components_table(registry, kinds: list[str]) -> None:
+    import inspect
+
+    table = Table(title="components")
+    for col in ("kind", "name", "plugin", "options", "description"):
+        table.add_column(col, overflow="fold")
+    for kind in kinds:
+        for r in sorted(registry.records[kind].values(), key=lambda r: r.name):
+            try:
+                params = [f"{n}={p.default!r}" if p.default is not p.empty else n
+                          for n, p in inspect.signature(r.factory).parameters.items()
+                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            except (TypeError, ValueError):
+                params = []
+            table.add_row(kind, r.name, r.plugin or "", ", ".join(params), r.description)
+    out.print(table)
+
+
+@plugins_app.command("show")
+def plugins_show(kind: str = typer.Argument(..., help="Component kind, e.g. attention, "
+                                            "compressor, encoder, sampler.")) -> None:
+    """Show the components of one kind, with their options and where they come from."""
+    with user_errors():
+        from bitlm_core.errors import BitlmError as _Err
+        from bitlm_core.records import KINDS
+        from bitlm_core.registry import close_matches, get_registry
+
+        aliases = {k: k for k in KINDS}
+        for k, spec in KINDS.items():
+            aliases[spec.title.replace(" ", "-")] = k
+            aliases[spec.title.split()[-1]] = k
+            aliases[k + "s"] = k
+        aliases.update({"compression": "compressor", "gate": "safety", "gates": "safety",
+                        "metrics": "telemetry", "backend": "attention",
+                        "backends": "attention"})
+        resolved = aliases.get(kind.lower())
+        if resolved is None:
+            hint = close_matches(kind.lower(), list(aliases))
+            raise _Err(f"unknown component kind '{kind}'"
+                       + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                       + f"\n  kinds: {', '.join(KINDS)}")
+        _components_table(get_registry(), [resolved])
+
+
+# -- eval / sample ----------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `bitlm run`."),
+    text: Path = typer.Option(..., "--text", help="Text file to score (UTF-8)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"bits_per_byte": ..., '
+                                 '"bytes": ...}.'),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """Bits per byte of a run's model on any text file."""
+    with user_errors():
+        from bitlm_core.run import evaluate_bytes, load_run, read_text_file
+        from bitlm_core.train import set_threads
+
+        set_threads(threads)
+        loaded = load_run(run_dir)
+        result = evaluate_bytes(loaded, read_text_file(text), str(text))
+        if as_json:
+            out.print_json(json.dumps(result))
+        else:
+            label = "bound on bits per byte" if result["is_bound"] else "bits per byte"
+            out.print(f"{label}: {result['bits_per_byte']:.4f} over {result['bytes']:,} bytes "
+                      f"({text}, model at step {loaded.step})")
+
+
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `bitlm run`."),
+    prompt: str = typer.Option("", "--prompt", help="Text the sample continues."),
+    n_bytes: int = typer.Option(200, "--bytes", min=0, help="Bytes to generate."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
+                                                help="Sampling temperature (0 is greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Top-k (1 is greedy)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """Generate text from a run's model; every byte is parity-valid."""
+    with user_errors():
+        from bitlm_core.components import build
+        from bitlm_core.run import generate, load_run
+        from bitlm_core.train import set_threads
+
+        set_threads(threads)
+        loaded = load_run(run_dir)
+        overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p),
+                                       ("top_k", top_k)) if v is not None}
+        sampler = build(loaded.comps.resolved["sample.sampler"], **overrides)
+        result = generate(loaded.model, loaded.comps, prompt, n_bytes, seed=seed,
+                          strict=loaded.spec.safety.strict, sampler=sampler)
+        out.print(result.text, markup=False)
+        if not result.decision:
+            err.print("[yellow]warning:[/] safety gate flagged this sample: "
+                      + "; ".join(result.decision.reasons), markup=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from bitlm_core.builtins.attention import ReferenceAttention
+from bitlm_core.model import MASK, BitTransformerLM, ModelConfig
+
+CASES = [("flat", "tree"), ("framed", "tree"), ("framed", "mlp")]
+
+
+def tiny(layout, local="tree", frames=6, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(layout=layout, local=local, max_frames=frames, d_model=32, n_layers=2,
+                      n_heads=4, d_ff=64, local_dim=16)
+    return BitTransformerLM(cfg, ReferenceAttention()).eval()
+
+
+@pytest.mark.parametrize("layout, local", CASES)
+def test_causal_mode_never_looks_ahead(layout, local):
+    """Flipping bit i changes no prediction of bits 0..i (they must not depend on it)."""
+    model = tiny(layout, local)
+    bits = torch.randint(0, 2, (2, 6 * 9), dtype=torch.uint8)
+    base = model(bits)
+    for i in range(bits.size(1)):
+        flipped = bits.clone()
+        flipped[:, i] ^= 1
+        diff = (model(flipped) - base).abs().amax(dim=(0, 2))
+        assert diff[: i + 1].max() == 0, f"bit {i} leaked into an earlier or its own prediction"
+        if i + 1 < bits.size(1):
+            assert diff[i + 1:].max() > 0, f"bit {i} influences no later prediction"
+
+
+@pytest.mark.parametrize("layout, local", CASES)
+def test_cached_decoder_matches_the_full_forward(layout, local):
+    model = tiny(layout, local)
+    bits = torch.randint(0, 2, (3, 6 * 9), dtype=torch.uint8)
+    full = model(bits)
+    dec = model.decoder(bits[:, :18])
+    got = []
+    for i in range(18, bits.size(1)):
+        got.append(dec.logits())
+        dec.push(bits[:, i])
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 18:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["flat", "framed"])
+def test_decoder_runs_past_the_context(layout):
+    model = tiny(layout)
+    dec = model.decoder(torch.zeros(1, 0, dtype=torch.uint8))
+    for _ in range(20 * 9):
+        dec.push(dec.logits().argmax(-1))
+    assert dec.history.shape == (1, 180)
+
+
+@pytest.mark.parametrize("layout", ["flat", "framed"])
+def test_non_causal_mode_sees_the_whole_sequence(layout):
+    model = tiny(layout)
+    tokens = torch.randint(0, 2, (1, 54), dtype=torch.uint8)
+    tokens[0, ::5] = MASK
+    base = model(tokens, causal=False)
+    assert base.shape == (1, 54, 2)
+    flipped = tokens.clone()
+    flipped[0, -1] = 1 - flipped[0, -1] if flipped[0, -1] < 2 else 0
+    assert (model(flipped, causal=False)[0, 0] - base[0, 0]).abs().max() > 0
+
+
+def test_reference_attention_returns_maps():
+    model = tiny("framed")
+    logits, maps = model(torch.zeros(1, 54, dtype=torch.uint8), return_attention=True)
+    assert len(maps) == 2 and maps[0].shape == (1, 4, 6, 6)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 4, 6))
+    assert maps[0][0, 0].triu(1).abs().max() == 0  # causal: nothing above the diagonal
+
+
+def test_too_long_input_is_a_clear_error():
+    from bitlm_core.errors import BitsError
+
+    with pytest.raises(BitsError, match="sliding window"):
+        tiny("framed")(torch.zeros(1, 9 * 7, dtype=torch.uint8))
+    with pytest.raises(BitsError, match="whole number"):
+        tiny("framed")(torch.zeros(1, 10, dtype=torch.uint8))
