@@ -75,9 +75,9 @@ def codecs(names: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in chosen:
         record = registry.resolve("compressor", name)
-        out[name] = record.factory()
-        if "checksum" in inspect.signature(record.factory).parameters:
-            out[f"{name} (checksum=False)"] = record.factory(checksum=False)
+        out[name] = record.load()()
+        if "checksum" in inspect.signature(record.load()).parameters:
+            out[f"{name} (checksum=False)"] = record.load()(checksum=False)
     return out
 
 

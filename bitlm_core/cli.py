@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,7 @@ app.add_typer(plugins_app, name="plugins")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+_default_showwarning = warnings.showwarning
 _state = {"debug": os.environ.get("BITLM_DEBUG", "") not in ("", "0")}
 
 
@@ -75,14 +77,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_plugin_warning(message, category, filename, lineno, file=None, line=None):
+    from bitlm_core.plugins import PluginWarning
+
+    if issubclass(category, PluginWarning):
+        err.print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    _state["debug"] = debug or os.environ.get("BITLM_DEBUG", "") not in ("", "0")
+    warnings.showwarning = _show_plugin_warning
 
 
 OverrideOpt = typer.Option(None, "--override", "-o", metavar="KEY=VALUE",
@@ -172,10 +183,10 @@ def plugins_list(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)  # shown in the table instead
-            registry = get_registry()
+            registry = get_registry(raise_conflicts=False)
         infos = list(registry.manager.infos.values())
         if as_json:
-            data = {"plugins": [i.as_dict() for i in infos]}
+            data = {"plugins": [i.as_dict() for i in infos], "conflicts": registry.conflicts}
             if all_:
                 data["components"] = [
                     {"kind": kind, "name": r.name, "plugin": r.plugin,
@@ -192,11 +203,15 @@ def plugins_list(
             provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.provides.items())
             table.add_row(i.name, i.distribution or "", i.version or "", status, provides)
         out.print(table)
+        for conflict in registry.conflicts:
+            err.print(f"[bold red]conflict:[/] {conflict}", markup=True, soft_wrap=True)
         if all_:
             _components_table(registry, list(registry.records))
 
 
-def _components_table(registry, kinds: list[str]) -> None:
+def _components_table(registry, kinds: list[str], load_lazy: bool = False) -> None:
+    """One row per component. Lazy factories are imported (torch and all) only when
+    ``load_lazy``: ``plugins list --all`` must stay fast, ``plugins show`` may take its time."""
     import inspect
 
     table = Table(title="components")
@@ -204,12 +219,15 @@ def _components_table(registry, kinds: list[str]) -> None:
         table.add_column(col, overflow="fold")
     for kind in kinds:
         for r in sorted(registry.records[kind].values(), key=lambda r: r.name):
-            try:
-                params = [f"{n}={p.default!r}" if p.default is not p.empty else n
-                          for n, p in inspect.signature(r.factory).parameters.items()
-                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            except (TypeError, ValueError):
-                params = []
+            if r.lazy and not load_lazy:
+                params = ["(see `bitlm plugins show " + kind + "`)"]
+            else:
+                try:
+                    params = [f"{n}={p.default!r}" if p.default is not p.empty else n
+                              for n, p in inspect.signature(r.load()).parameters.items()
+                              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                except Exception as exc:  # a lazy factory that fails to import
+                    params = [f"(cannot load: {type(exc).__name__}: {exc})"]
             table.add_row(kind, r.name, r.plugin or "", ", ".join(params), r.description)
     out.print(table)
 
@@ -237,7 +255,7 @@ def plugins_show(kind: str = typer.Argument(..., help="Component kind, e.g. atte
             raise _Err(f"unknown component kind '{kind}'"
                        + (f"; did you mean {', '.join(hint)}?" if hint else "")
                        + f"\n  kinds: {', '.join(KINDS)}")
-        _components_table(get_registry(), [resolved])
+        _components_table(get_registry(), [resolved], load_lazy=True)
 
 
 # -- eval / sample ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A record is a frozen dataclass with a ``name`` (what a spec writes), a ``factory`` (called with
 the spec's ``options`` as keyword arguments; its signature is what options are bound against),
-and a one-line ``description``. ``plugin`` and ``distribution`` are filled in by the registry
+and a one-line ``description``. The factory may be given lazily as ``"package.module:Attribute"``:
+it is imported only when a spec uses it, so a plugin whose component module imports torch at
+the top still lists instantly. ``plugin`` and ``distribution`` are filled in by the registry
 with where the record came from, so error messages and ``bitlm plugins list`` can name it.
 
 Records are cheap to create: building one must not import torch. Heavy imports belong inside the
@@ -19,7 +21,7 @@ from typing import Any, Callable, ClassVar
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | str
     description: str = ""
     plugin: str | None = field(default=None, compare=False)
     distribution: str | None = field(default=None, compare=False)
@@ -28,6 +30,22 @@ class ComponentSpec:
 
     def with_origin(self, plugin: str, distribution: str | None) -> "ComponentSpec":
         return dataclasses.replace(self, plugin=plugin, distribution=distribution)
+
+    def load(self) -> Callable[..., Any]:
+        """The factory itself, importing it first when it was given as "module:attribute"."""
+        if callable(self.factory):
+            return self.factory
+        import importlib
+
+        module, _, attr = str(self.factory).partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    @property
+    def lazy(self) -> bool:
+        return not callable(self.factory)
 
     @property
     def origin(self) -> str:

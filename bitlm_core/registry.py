@@ -25,11 +25,21 @@ def close_matches(word: str, choices: list[str]) -> list[str]:
 
 
 class Registry:
-    def __init__(self, manager: PluginManager):
+    """Every component of every loaded plugin, by kind and name.
+
+    Two plugins providing one name is a :class:`PluginError` naming both, raised when the
+    registry is built; ``raise_conflicts=False`` records it in ``conflicts`` instead (for
+    ``bitlm plugins list``, which must be able to show the clash).
+    """
+
+    def __init__(self, manager: PluginManager, raise_conflicts: bool = True):
         self.manager = manager
         self.records: dict[str, dict[str, ComponentSpec]] = {k: {} for k in KINDS}
+        self.conflicts: list[str] = []
         for kind in KINDS.values():
             self._collect(kind)
+        if self.conflicts and raise_conflicts:
+            raise PluginError("\n".join(self.conflicts))
 
     def _collect(self, kind) -> None:
         for plugin_name, function in self.manager.hook_impls(kind.hook):
@@ -46,26 +56,28 @@ class Registry:
                         )
                     if not isinstance(record.name, str) or not record.name.strip():
                         raise TypeError(f"hook {kind.hook} yielded a record without a name")
-                    if not callable(record.factory):
+                    if not (callable(record.factory) or _is_import_path(record.factory)):
                         raise TypeError(f"{kind.name} '{record.name}' has a factory that is "
-                                        "not callable")
+                                        "neither callable nor a 'module:attribute' string")
             except Exception as exc:
                 # Drop whatever this plugin contributed so far: a half-loaded plugin is worse
                 # than a missing one.
                 for records in self.records.values():
                     for name in [n for n, r in records.items() if r.plugin == plugin_name]:
                         del records[name]
+                info.provides.clear()
                 self.manager.fail(info, f"{kind.hook}() raised {describe_exception(exc)}")
                 continue
             for record in produced:
                 record = record.with_origin(plugin_name, info.distribution)
                 existing = self.records[kind.name].get(record.name)
                 if existing is not None:
-                    raise PluginError(
+                    self.conflicts.append(
                         f"two plugins provide the {kind.name} '{record.name}': "
                         f"{existing.origin} and {record.origin}. Uninstall one of them, or "
                         f"disable one with BITLM_DISABLE_PLUGINS={record.plugin}"
                     )
+                    continue
                 self.records[kind.name][record.name] = record
                 info.provides.setdefault(kind.name, []).append(record.name)
 
@@ -110,17 +122,31 @@ class Registry:
         record = self.resolve(kind, name, path)
         bound = self.bind(record, options, path)
         try:
-            return record.factory(*bound.args, **bound.kwargs)
+            return load_factory(record)(*bound.args, **bound.kwargs)
         except (ValueError, TypeError) as exc:
             raise ResolutionError(
                 f"{kind} '{name}' at {path or kind} rejected its options: {exc}"
             ) from exc
 
 
+def _is_import_path(value: Any) -> bool:
+    return isinstance(value, str) and value.count(":") == 1 and all(value.split(":"))
+
+
+def load_factory(record: ComponentSpec):
+    """The record's factory; a lazy one that fails to import is the plugin's error, named."""
+    try:
+        return record.load()
+    except Exception as exc:
+        raise PluginError(f"{record.kind} '{record.name}' from {record.origin} cannot be "
+                          f"loaded ({record.factory}): {describe_exception(exc)}") from None
+
+
 def bind_options(record: ComponentSpec, options: Mapping[str, Any],
                  path: str = "") -> inspect.BoundArguments:
+    factory = load_factory(record)
     try:
-        signature = inspect.signature(record.factory)
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):  # builtins without signatures: accept and hope
         return inspect.Signature().bind()
     params = signature.parameters
@@ -187,9 +213,11 @@ def _type_ok(value: Any, expected: type) -> bool:
 _REGISTRY: Registry | None = None
 
 
-def get_registry(refresh: bool = False) -> Registry:
+def get_registry(refresh: bool = False, raise_conflicts: bool = True) -> Registry:
     """The process-wide registry (built on first use)."""
     global _REGISTRY
     if _REGISTRY is None or refresh:
-        _REGISTRY = Registry(load_plugins())
+        _REGISTRY = Registry(load_plugins(), raise_conflicts=False)
+    if _REGISTRY.conflicts and raise_conflicts:
+        raise PluginError("\n".join(_REGISTRY.conflicts))
     return _REGISTRY

@@ -89,8 +89,8 @@ def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
     from bitlm_core.checkpoint import latest_checkpoint
 
     saved = run_dir / SPEC_FILE
-    if run_dir.exists() and restart:
-        shutil.rmtree(run_dir)
+    if restart and saved.is_file():
+        shutil.rmtree(run_dir)  # only ever a run folder: never a folder bitlm did not write
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         current = spec.to_dict()
@@ -267,7 +267,8 @@ def generate(model, comps: Components, prompt: str, n_bytes: int, seed: int = 0,
     start = time.perf_counter()
     bits = sampler.sample(model, prompt_bits, n_bytes, gen, enc)
     frames = bits.cpu().numpy().reshape(-1, enc.frame_bits)
-    frames, fixed = enc.enforce(frames)
+    frames, fixed = enc.enforce(frames)  # a no-op for samplers that already enforce parity
+    fixed += getattr(sampler, "parity_fixed", 0)
     new = frames[len(prompt_bits) // enc.frame_bits:]
     text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
         "utf-8", errors="replace")

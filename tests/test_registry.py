@@ -109,3 +109,28 @@ def test_build_turns_factory_value_errors_into_spec_errors():
         CompressorSpec("picky", picky)])))
     with pytest.raises(ResolutionError, match="rejected its options: level must be odd"):
         reg.build("compressor", "picky", {}, "compression")
+
+
+def test_conflicts_can_be_listed_instead_of_raised():
+    a = module("alpha", bitlm_compressors=lambda: [CompressorSpec("zip", Codec)])
+    b = module("beta", bitlm_compressors=lambda: [CompressorSpec("zip", Codec)])
+    reg = Registry(manager_with(a, b), raise_conflicts=False)
+    assert len(reg.conflicts) == 1 and "'alpha'" in reg.conflicts[0]
+    assert reg.resolve("compressor", "zip").plugin == "alpha"  # the first one stays
+
+
+def test_lazy_factories_are_imported_only_when_used():
+    reg = Registry(manager_with(module("lazy", bitlm_compressors=lambda: [
+        CompressorSpec("lazyzip", "fractions:Fraction", "a lazily imported factory"),
+        CompressorSpec("broken", "no_such_module_xyz:Thing")])))
+    rec = reg.resolve("compressor", "lazyzip")
+    assert rec.lazy and str(reg.build("compressor", "lazyzip", {"numerator": 3})) == "3"
+    with pytest.raises(PluginError, match=r"compressor 'broken' from plugin 'lazy'.*"
+                                          r"ModuleNotFoundError"):
+        reg.bind(reg.resolve("compressor", "broken"), {})
+
+
+def test_a_factory_that_is_neither_callable_nor_an_import_path_fails_the_plugin():
+    bad = module("bad", bitlm_compressors=lambda: [CompressorSpec("x", "not an import path")])
+    with pytest.warns(PluginWarning, match="neither callable nor"):
+        Registry(manager_with(bad))

@@ -1,4 +1,8 @@
-"""Registers the ``diffusion`` objective and sampler with bitlm (entry point group ``bitlm``)."""
+"""Registers the ``diffusion`` objective and sampler with bitlm (entry point group ``bitlm``).
+
+The factories are given as "module:attribute" strings: their modules import torch, and bitlm
+imports them only when a spec uses them, so ``bitlm plugins list`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,8 @@ from bitlm_core.records import ObjectiveSpec, SamplerSpec
 
 @hookimpl
 def bitlm_objectives():
-    # Imported here so that listing plugins stays cheap (these modules import torch).
-    from bitlm_diffusion.objective import DiffusionObjective
-
     yield ObjectiveSpec(
-        "diffusion", DiffusionObjective,
+        "diffusion", "bitlm_diffusion.objective:DiffusionObjective",
         "masked bit diffusion, continuous-time ELBO (a bound on bits per byte); options "
         "schedule, eps, antithetic, t_min/t_max/curriculum_steps, eval_samples",
     )
@@ -20,10 +21,8 @@ def bitlm_objectives():
 
 @hookimpl
 def bitlm_samplers():
-    from bitlm_diffusion.sampler import DiffusionSampler
-
     yield SamplerSpec(
-        "diffusion", DiffusionSampler,
+        "diffusion", "bitlm_diffusion.sampler:DiffusionSampler",
         "reverse masked diffusion from all-masked bits, prompt fixed, parity enforced; "
         "options steps (8-256), schedule, temperature",
     )

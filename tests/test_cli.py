@@ -1,0 +1,527 @@
+"""Every ``bitlm`` command, end to end.
+
+Commands that train, load a model, kill a process or need a different environment run in a
+subprocess (``python -m bitlm_core.cli``); the many bad-spec and plugin-listing variants run the
+Typer app in-process (``invoke``), which is much faster and checks the same exit status and
+streams. One tiny run is trained once per module (``trained``) and shared by the tests that only
+use its checkpoint (resume, eval, sample); a test that changes a run folder works on a copy.
+
+Bad input must give exit status 2, one ``error:`` message on stderr, nothing on stdout and no
+traceback; ``--debug`` brings the traceback back. Independent subprocesses are started together
+(``cli_parallel``) so that their torch start-up overlaps on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+_conftest = importlib.util.spec_from_file_location("_bitlm_tests_conftest",
+                                                   Path(__file__).with_name("conftest.py"))
+conftest = importlib.util.module_from_spec(_conftest)
+_conftest.loader.exec_module(conftest)
+
+BPB = re.compile(r"held-out bits per byte: ([0-9.]+)")
+RESUMED = re.compile(r"resuming from step-\d+ \(step (\d+) of (\d+)\)")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BITLM_DEBUG", "BITLM_STRICT_PLUGINS", "BITLM_DISABLE_PLUGINS")}
+    env.update({"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb", "PYTHONIOENCODING": "utf-8"})
+    env.update(extra or {})
+    return env
+
+
+def _cmd(args) -> list[str]:
+    return [sys.executable, "-m", "bitlm_core.cli", *map(str, args)]
+
+
+def cli(*args, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(args), capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", cwd=cwd, env=_env(env), timeout=timeout)
+
+
+def cli_parallel(*arg_lists, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Run several independent commands at once (torch start-up dominates; overlap it)."""
+    procs = [subprocess.Popen(_cmd(a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              encoding="utf-8", errors="replace", cwd=cwd, env=_env(env))
+             for a in arg_lists]
+    results = []
+    try:
+        for args, p in zip(arg_lists, procs):
+            out, err = p.communicate(timeout=180)
+            results.append(subprocess.CompletedProcess(_cmd(args), p.returncode, out, err))
+    finally:
+        for p in procs:  # only on a timeout: do not leave our own children behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.fixture
+def invoke(monkeypatch):
+    """Run the Typer app in this process (for commands that need no subprocess)."""
+    from typer.testing import CliRunner
+
+    import bitlm_core.cli as cli_module
+
+    monkeypatch.setitem(cli_module._state, "debug", False)
+    monkeypatch.delenv("BITLM_DEBUG", raising=False)
+
+    def run(*args):
+        result = CliRunner().invoke(cli_module.app, [str(a) for a in args])
+        # Anything but a clean exit (SystemExit) is an exception the CLI let through.
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            result.exception)
+        return result
+
+    return run
+
+
+def assert_user_error(proc, *needles: str, warnings_first: bool = False) -> str:
+    """Exit 2, exactly one clear message on stderr, nothing on stdout, no traceback.
+
+    ``proc`` is a CompletedProcess or a CliRunner result. ``warnings_first`` allows plugin
+    warnings on stderr before the error message.
+    """
+    code = proc.returncode if isinstance(proc, subprocess.CompletedProcess) else proc.exit_code
+    both = proc.stdout + proc.stderr
+    assert code == 2, both
+    assert "Traceback" not in both, both
+    assert proc.stdout.strip() == "", proc.stdout
+    if not warnings_first:
+        assert proc.stderr.lstrip().startswith("error:"), proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
+    return proc.stderr
+
+
+def write_spec(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny framed run, trained once for the module. Tests may resume it (which rewrites
+    summary and samples) but must not change its spec or checkpoints."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "tiny.txt"
+    corpus.write_text(conftest.TINY_TEXT, encoding="utf-8")
+    spec = write_spec(root / "spec.yaml", conftest.tiny_spec_dict(corpus))
+    run_dir = root / "run"
+    proc = cli("run", spec, "--out", run_dir, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return SimpleNamespace(root=root, corpus=corpus, spec=spec, run_dir=run_dir, proc=proc)
+
+
+@pytest.fixture
+def broken_plugin_env(tmp_path: Path) -> dict[str, str]:
+    """PYTHONPATH with a fake installed distribution whose entry point names no module."""
+    site = tmp_path / "site"
+    info = site / "fakebroken-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakebroken\nVersion: 0.1\n",
+                                   encoding="utf-8")
+    (info / "entry_points.txt").write_text(
+        "[bitlm]\nfakebroken = fakebroken_no_such_module.plugin\n", encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
+# -- run ------------------------------------------------------------------------------------
+def test_run_trains_evaluates_samples_and_writes_run_folder(trained):
+    proc, run_dir = trained.proc, trained.run_dir
+    assert "Traceback" not in proc.stdout + proc.stderr
+    match = BPB.search(proc.stdout)
+    assert match, proc.stdout
+    bpb = float(match.group(1))
+    assert 0 < bpb < 12
+    lines = proc.stdout.splitlines()
+    i = lines.index("--- sample 0 ---")
+    assert lines[i + 1].startswith("the ")  # the spec's prompt, then the sample
+    assert f"run folder: {run_dir}" in proc.stdout
+
+    for name in ("spec.yaml", "metrics.jsonl", "samples.txt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    latest = run_dir / "checkpoints" / "latest"
+    assert latest.is_file()
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "state.json").is_file()
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert saved["train"]["steps"] == 6
+    assert saved["attention"]["name"] == "reference"  # defaults are filled in: fully resolved
+    assert saved["data"]["encoder"]["name"] == "parity9"
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["held_out_bits_per_byte"] == pytest.approx(bpb, abs=1e-4)
+    assert summary["samples"] and summary["samples"][0].startswith("the ")
+    records = [json.loads(line) for line in
+               (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert records and any(r.get("final") for r in records)
+    assert "the " in (run_dir / "samples.txt").read_text(encoding="utf-8")
+
+
+def test_run_again_resumes_without_retraining(trained):
+    model_file = trained.run_dir / "checkpoints" / "step-000006" / "model.safetensors"
+    before = model_file.stat().st_mtime_ns
+    proc = cli("run", trained.spec, "--out", trained.run_dir, cwd=trained.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = RESUMED.search(proc.stderr)
+    assert match and match.groups() == ("6", "6"), proc.stderr
+    assert "train loss" not in proc.stderr  # no training step was logged
+    assert model_file.stat().st_mtime_ns == before  # no new checkpoint either
+    assert BPB.search(proc.stdout).group(1) == BPB.search(trained.proc.stdout).group(1)
+
+
+def test_run_into_folder_of_another_spec_errors(trained):
+    spec_text = (trained.run_dir / "spec.yaml").read_text()
+    proc = cli("run", trained.spec, "--out", trained.run_dir, "-o", "train.steps=7",
+               cwd=trained.root)
+    assert_user_error(proc, "different spec", "train.steps", "--restart", "--out")
+    assert (trained.run_dir / "spec.yaml").read_text() == spec_text
+
+
+def test_run_into_folder_that_is_not_a_run_errors(trained, tmp_path):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    proc = cli("run", trained.spec, "--out", folder, cwd=tmp_path)
+    assert_user_error(proc, "not a bitlm run folder", "--out")
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_restart_discards_the_old_run(trained, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained.run_dir, run_dir)
+    proc = cli("run", trained.spec, "--out", run_dir, "--restart", "-o", "train.steps=4",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming" not in proc.stderr
+    assert "train loss" in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert yaml.safe_load((run_dir / "spec.yaml").read_text())["train"]["steps"] == 4
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert steps[-1] == "step-000004" and "step-000006" not in steps
+
+
+def test_restart_never_deletes_a_folder_that_is_not_a_run(tiny_spec, tmp_path):
+    from bitlm_core.errors import CheckpointError
+    from bitlm_core.run import prepare_run_dir
+    from bitlm_core.spec import load_spec
+
+    folder = tmp_path / "my-documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    try:
+        with pytest.raises(CheckpointError, match="not a bitlm run folder"):
+            prepare_run_dir(load_spec(tiny_spec()), folder, restart=True)
+    finally:
+        assert (folder / "notes.txt").is_file(), "--restart deleted a folder it did not own"
+
+
+def test_run_without_spec_uses_the_quickstart(tmp_path):
+    proc = cli("run", "--out", tmp_path / "qs", "-q",
+               "-o", "train.steps=1", "-o", "train.warmup_steps=0", "-o", "model.d_model=16",
+               "-o", "model.n_layers=1", "-o", "model.n_heads=1", "-o", "data.seq_len=16",
+               "-o", "train.batch_size=2", "-o", "train.eval_batches=1", "-o", "sample.bytes=4",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert BPB.search(proc.stdout)
+    saved = yaml.safe_load((tmp_path / "qs" / "spec.yaml").read_text())
+    assert saved["data"]["corpus"]["name"] == "quickstart"
+    assert saved["model"]["d_model"] == 16  # the override is what was saved
+
+
+def test_kill_and_resume(tiny_spec, tmp_path):
+    spec = tiny_spec(steps=60, train={"checkpoint_every": 2, "eval_every": 1000})
+    run_dir = tmp_path / "killed"
+    args = _cmd(["run", spec, "--out", run_dir, "-q"])
+    latest = run_dir / "checkpoints" / "latest"
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=tmp_path, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not latest.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert latest.exists(), "no checkpoint was written"
+        assert first.poll() is None, "the run finished before it could be killed"
+        os.kill(first.pid, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()
+
+    proc = cli("run", spec, "--out", run_dir, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = RESUMED.search(proc.stderr)
+    assert match, proc.stderr
+    step, total = map(int, match.groups())
+    assert 0 < step < total == 60
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 60
+    assert BPB.search(proc.stdout)
+
+
+# -- validate -------------------------------------------------------------------------------
+def test_validate_valid_spec(tiny_spec):
+    proc = cli("validate", tiny_spec())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is valid" in proc.stdout
+    for slot, name in (("data.encoder", "parity9"), ("attention", "reference"),
+                       ("sample.sampler", "autoregressive"), ("data.corpus", "file")):
+        assert re.search(rf"{re.escape(slot)}\s.*\b{name}\b", proc.stdout), proc.stdout
+
+
+def test_validate_missing_file_end_to_end(tmp_path):
+    # In a real process: exit 2, one message, and no traceback anywhere.
+    assert_user_error(cli("validate", tmp_path / "nope.yaml"), "spec file not found",
+                      "nope.yaml")
+
+
+BAD_SPECS = {
+    "missing file": (None, ["spec file not found", "nope.yaml"]),
+    "invalid yaml": ("data: [unclosed\nmodel: {d_model: 8\n", ["not valid YAML", "line"]),
+    "not a mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
+    "unknown section": ({"modle": {"d_model": 8}}, ["modle: unknown key", "did you mean 'model'"]),
+    "unknown key": ({"train": {"stpes": 5}},
+                    ["train.stpes: unknown key", "did you mean 'train.steps'"]),
+    "wrong type": ({"train": {"steps": "many"}}, ["train.steps", "integer", "'many'"]),
+    "unknown component": ({"attention": {"name": "refrence"}},
+                          ["unknown attention 'refrence' at attention.name",
+                           "did you mean: reference", "available attention backends",
+                           "bitlm plugins list"]),
+    "unaccepted option": ({"sample": {"sampler": {"name": "autoregressive",
+                                                  "options": {"temprature": 0.5}}}},
+                          ["does not accept option 'temprature'",
+                           "sample.sampler.options.temprature", "did you mean: temperature"]),
+    "wrongly typed option": ({"sample": {"sampler": {"name": "autoregressive",
+                                                     "options": {"temperature": "hot"}}}},
+                             ["sample.sampler.options.temperature", "float"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_validate_bad_input(case, tiny_spec, tmp_path, invoke):
+    content, needles = BAD_SPECS[case]
+    if content is None:
+        path = tmp_path / "nope.yaml"
+    elif isinstance(content, str):
+        path = tmp_path / "bad.yaml"
+        path.write_text(content, encoding="utf-8")
+    else:
+        path = tiny_spec(**content)
+    assert_user_error(invoke("validate", path), *needles)
+
+
+def test_bad_override_is_a_user_error(tiny_spec, invoke):
+    assert_user_error(invoke("validate", tiny_spec(), "-o", "train.stpes=3"),
+                      "did you mean 'train.steps'")
+    assert_user_error(invoke("validate", tiny_spec(), "-o", "train.steps"), "key.path=value")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = cli("--debug", "validate", tmp_path / "nope.yaml")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "SpecError" in proc.stderr
+    assert "spec file not found" in proc.stderr
+
+
+# -- plugins --------------------------------------------------------------------------------
+def test_plugins_list_json():
+    proc = cli("plugins", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert isinstance(data["plugins"], list)
+    core = next(p for p in data["plugins"] if p["name"] == "core")
+    assert core["status"] == "active" and core["distribution"] == "bitlm-core"
+    assert "parity9" in core["provides"]["encoder"]
+    assert "autoregressive" in core["provides"]["sampler"]
+    for p in data["plugins"]:
+        assert p["status"] in ("active", "disabled", "failed")
+        assert {"name", "distribution", "version", "module", "error", "provides"} <= set(p)
+
+
+def test_plugins_list(invoke):
+    result = invoke("plugins", "list")
+    assert result.exit_code == 0, result.stderr
+    assert "bitlm plugins" in result.stdout
+    assert "core" in result.stdout and "active" in result.stdout and "parity9" in result.stdout
+
+
+def test_plugins_list_all(invoke):
+    text = invoke("plugins", "list", "--all")
+    assert text.exit_code == 0, text.stderr
+    assert "components" in text.stdout
+    assert "autoregressive" in text.stdout and "temperature" in text.stdout  # with options
+    data = json.loads(invoke("plugins", "list", "--all", "--json").stdout)
+    assert any(p["name"] == "core" for p in data["plugins"])
+    names = {(c["kind"], c["name"]) for c in data["components"]}
+    assert {("encoder", "parity9"), ("attention", "reference"),
+            ("compressor", "identity")} <= names
+
+
+@pytest.mark.parametrize("kind", ["attention", "backends"])
+def test_plugins_show(kind, invoke):
+    result = invoke("plugins", "show", kind)
+    assert result.exit_code == 0, result.stderr
+    assert "reference" in result.stdout and "core" in result.stdout
+    assert "parity9" not in result.stdout  # only the kind asked for
+
+
+def test_plugins_show_unknown_kind(invoke):
+    proc = cli("plugins", "show", "nonsense")  # one in a real process, for the traceback check
+    msg = assert_user_error(proc, "unknown component kind", "'nonsense'")
+    for kind in ("encoder", "attention", "compressor", "sampler"):
+        assert kind in msg
+    assert_user_error(invoke("plugins", "show", "attension"), "did you mean", "attention")
+
+
+def test_broken_plugin_is_listed_as_failed(broken_plugin_env):
+    proc, table = cli_parallel(["plugins", "list", "--json"], ["plugins", "list"],
+                               env=broken_plugin_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    plugins = {p["name"]: p for p in json.loads(proc.stdout)["plugins"]}
+    assert plugins["fakebroken"]["status"] == "failed"
+    assert plugins["fakebroken"]["distribution"] == "fakebroken"
+    assert "ModuleNotFoundError" in plugins["fakebroken"]["error"]
+    assert plugins["core"]["status"] == "active"
+
+    assert table.returncode == 0
+    assert re.search(r"fakebroken.*failed.*ModuleNotFoundError", table.stdout), table.stdout
+
+
+def test_unknown_name_error_mentions_the_broken_plugin(broken_plugin_env, tiny_spec):
+    proc = cli("validate", tiny_spec(compression={"name": "nosuchcodec"}), env=broken_plugin_env)
+    msg = assert_user_error(proc, "unknown compressor 'nosuchcodec' at compression.name",
+                            "failed to load", "fakebroken", warnings_first=True)
+    assert "available compressors" in msg and "identity" in msg
+
+
+def test_run_works_with_a_broken_plugin_installed(broken_plugin_env, tiny_spec, tmp_path):
+    proc = cli("run", tiny_spec(steps=2), "--out", tmp_path / "run", env=broken_plugin_env,
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert BPB.search(proc.stdout)
+    assert "fakebroken" in proc.stderr  # the failure is reported...
+    assert "Traceback" not in proc.stderr  # ...as a warning, not a crash
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+TORCH_SPY = """
+import sys, traceback
+
+class _Spy:  # records who imports torch first
+    culprit = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and _Spy.culprit is None:
+            _Spy.culprit = "".join(traceback.format_stack(limit=14)[:-1])
+        return None
+
+sys.meta_path.insert(0, _Spy())
+sys.argv = ["bitlm", *ARGV]
+from bitlm_core.cli import main
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print("TORCH_IMPORTED", "torch" in sys.modules)
+print(_Spy.culprit or "")
+"""
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["--help"], {}),
+    (["plugins", "list"], {"BITLM_DISABLE_PLUGINS": "all"}),  # core alone
+    (["plugins", "list", "--json"], {}),  # with every installed plugin
+], ids=["help", "plugins-list-core", "plugins-list-installed"])
+def test_fast_commands_never_import_torch(argv, env):
+    code = TORCH_SPY.replace("ARGV", repr(argv))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(env), timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    marker = next(line for line in proc.stdout.splitlines() if line.startswith("TORCH_IMPORTED"))
+    culprit = proc.stdout.split(marker, 1)[1]
+    assert marker == "TORCH_IMPORTED False", f"torch was imported by:\n{culprit}"
+    if argv == ["--help"]:
+        for command in ("run", "validate", "plugins", "eval", "sample"):
+            assert command in proc.stdout
+
+
+# -- eval -----------------------------------------------------------------------------------
+def test_eval(trained, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_bytes("the cat sat on the mat. héllo wörld — ✓ ünïcode\n".encode() * 3)
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("the caf\u00e9 sat on the mat".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    as_json, plain, seen, bad, nothing, no_run = cli_parallel(
+        ["eval", trained.run_dir, "--text", text, "--json"],
+        ["eval", trained.run_dir, "--text", text],
+        ["eval", trained.run_dir, "--text", trained.corpus, "--json"],
+        ["eval", trained.run_dir, "--text", not_utf8, "--json"],
+        ["eval", trained.run_dir, "--text", empty],
+        ["eval", not_a_run, "--text", text],
+    )
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert set(result) >= {"bits_per_byte", "bytes"}
+    # bytes, not characters: the text has multi-byte UTF-8 characters
+    assert result["bytes"] == len(text.read_bytes()) != len(text.read_text(encoding="utf-8"))
+    assert 0 < result["bits_per_byte"] < 12
+    assert plain.returncode == 0, plain.stderr
+    assert f"{result['bits_per_byte']:.4f}" in plain.stdout and "bits per byte" in plain.stdout
+
+    # The model was trained on this text: it beats the 9 bits per byte of a uniform guess.
+    assert seen.returncode == 0, seen.stderr
+    seen_result = json.loads(seen.stdout)
+    assert seen_result["bytes"] == trained.corpus.stat().st_size
+    assert seen_result["bits_per_byte"] < 9.0
+
+    assert_user_error(bad, "not valid UTF-8", "latin1.txt")
+    assert_user_error(nothing, "empty")
+    assert_user_error(no_run, "not a bitlm run folder")
+
+
+# -- sample ---------------------------------------------------------------------------------
+def test_sample_is_seeded_and_continues_the_prompt(trained, tmp_path):
+    args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "20"]
+    one, again, tuned, no_run = cli_parallel(
+        [*args, "--seed", "1"],
+        [*args, "--seed", "1"],
+        [*args, "--seed", "2", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "1"],
+        ["sample", tmp_path, "--prompt", "the "],
+    )
+    for proc in (one, again, tuned):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stdout.startswith("the ")
+        assert len(proc.stdout.rstrip("\n")) > len("the ")
+    assert one.stdout == again.stdout  # same seed, same text
+    assert_user_error(no_run, "not a bitlm run folder")
