@@ -306,8 +306,10 @@ def sample(
         overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p),
                                        ("top_k", top_k)) if v is not None}
         sampler = build(loaded.comps.resolved["sample.sampler"], **overrides)
-        result = generate(loaded.model, loaded.comps, prompt, n_bytes, seed=seed,
-                          strict=loaded.spec.safety.strict, sampler=sampler)
+        comps = loaded.comps
+        result = generate(loaded.model, comps.encoder, sampler, prompt, n_bytes, seed=seed,
+                          gate=comps.gate, telemetry=comps.telemetry,
+                          strict=loaded.spec.safety.strict)
         out.print(result.text, markup=False)
         if not result.decision:
             err.print("[yellow]warning:[/] safety gate flagged this sample: "

@@ -35,6 +35,7 @@ from bitlm_core.errors import BitsError
 MASK = 2  # token value of a masked bit (non-causal objectives)
 BOS = 3  # token value of "before the start" (flat layout, causal)
 LAYOUTS = ("flat", "framed")
+LOCALS = ("tree", "node_mlp", "mlp")  # local bit predictors of the framed layout
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 512
     dropout: float = 0.0
-    local: str = "tree"  # framed: local bit predictor, "tree" or "mlp"
+    local: str = "tree"  # framed: local bit predictor, one of LOCALS
     local_layers: int = 2  # framed, mlp: residual MLP layers of the local bit predictor
     local_dim: int = 128  # framed: width of the local bit predictor
 
@@ -158,50 +159,61 @@ class LocalBitPredictor(nn.Module):
         return self.head(self.ln_f(z))
 
 
-class TreeBitPredictor(nn.Module):
-    """Predicts a frame's bits one at a time with one linear classifier per bit prefix.
+def prefix_nodes(bits, frame_bits: int):
+    """bits (..., F) -> (..., F): the binary-tree node of each bit, chosen by the bits before it.
 
-    The bits before bit ``j`` of a frame select a node of a binary tree (``2**F - 1`` nodes:
-    511 for 9-bit frames); the node's weight vector and bias give the 2-way logits of bit ``j``
-    from a non-linear projection of ``h_t``. This is a byte distribution factored bit by bit,
-    at the cost of F dot products per byte, and it can learn the parity bit exactly (its node is
-    chosen by the 8 data bits). Non-causal use (no prefix known) uses the root-per-phase nodes.
+    Level ``j`` of the tree has ``2**j`` nodes, one per value of ``bits[..., :j]`` (MSB first);
+    node ids run level by level, so bit ``j`` with prefix value ``p`` is node ``2**j - 1 + p``.
+    """
+    F_ = frame_bits
+    place = 2 ** torch.arange(F_ - 1, -1, -1, device=bits.device)  # MSB first
+    b = bits.long() * place
+    before = torch.cumsum(b, dim=-1) - b  # exact integers: value of bits[:j] shifted up
+    prefix = before // (2 ** (F_ - torch.arange(F_, device=bits.device)))
+    return (2 ** torch.arange(F_, device=bits.device) - 1) + prefix
+
+
+class TreeBitPredictor(nn.Module):
+    """Predicts a frame's bits one at a time with parameters chosen by each bit's prefix.
+
+    The bits before bit ``j`` select a node of a binary tree (``2**F - 1`` nodes: 511 for 9-bit
+    frames). With ``hidden=False`` (``local: tree``) the node holds a linear classifier of a
+    shared projection ``z = gelu(W h_t)``. With ``hidden=True`` (``local: node_mlp``) the node
+    also holds a bias added before the non-linearity, so each node computes its own
+    one-hidden-layer function of ``h_t``: ``logits = V[node] . gelu(W h_t + E[node])``. ``W h_t``
+    is computed once per frame, so a bit costs ``3 * local_dim`` multiply-adds. Either way the
+    parity bit's node is chosen by the 8 data bits, so it can be learnt exactly. Non-causal use
+    (no prefix known) uses one extra node per bit phase.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: bool):
         super().__init__()
         F_, d = cfg.frame_bits, cfg.local_dim
         if F_ > 12:
-            raise ValueError(f"the tree local predictor supports frames of up to 12 bits, got "
+            raise ValueError(f"tree local predictors support frames of up to 12 bits, got "
                              f"{F_}; use model.local: mlp")
         self.frame_bits = F_
         self.ln = nn.LayerNorm(cfg.d_model)
         self.inp = nn.Linear(cfg.d_model, d)
-        n_nodes = 2 ** F_ - 1
-        self.weight = nn.Parameter(torch.zeros(n_nodes, 2, d))
+        n_nodes = 2 ** F_ - 1 + F_  # the tree, then one prefix-free node per phase
+        self.weight = nn.Parameter(torch.randn(n_nodes, 2, d) * 0.02)
         self.bias = nn.Parameter(torch.zeros(n_nodes, 2))
-        self.phase = nn.Parameter(torch.zeros(F_, 2, d))  # used when no prefix is known
-        nn.init.normal_(self.weight, std=0.02)
-        nn.init.normal_(self.phase, std=0.02)
-        self.register_buffer("depth_start", 2 ** torch.arange(F_) - 1, persistent=False)
-
-    def nodes(self, bits):
-        """bits (..., F) -> (..., F) node index of each bit: tree level j, prefix value."""
-        F_ = self.frame_bits
-        weights = 2 ** torch.arange(F_ - 1, -1, -1, device=bits.device)  # MSB first
-        # value of bits[:j] as an integer, for every j: cumulative, then shift down
-        full = torch.cumsum(bits.long() * weights, dim=-1) - bits.long() * weights
-        prefix = full // (2 ** (F_ - torch.arange(F_, device=bits.device)))
-        return self.depth_start + prefix
+        self.node_hidden = nn.Parameter(torch.zeros(n_nodes, d)) if hidden else None
 
     def forward(self, h, bits=None):
         """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""
-        z = F.gelu(self.inp(self.ln(h)))  # (..., d)
+        F_ = self.frame_bits
         if bits is None:
-            return torch.einsum("...d,fcd->...fc", z, self.phase)
-        node = self.nodes(bits)  # (..., F)
-        w = self.weight[node]  # (..., F, 2, d)
-        return torch.einsum("...d,...fcd->...fc", z, w) + self.bias[node]
+            node = torch.arange(2 ** F_ - 1, 2 ** F_ - 1 + F_, device=h.device)
+            node = node.expand(*h.shape[:-1], F_)
+        else:
+            node = prefix_nodes(bits, F_)  # (..., F)
+        pre = self.inp(self.ln(h)).unsqueeze(-2)  # (..., 1, d)
+        if self.node_hidden is not None:
+            pre = pre + self.node_hidden[node]  # (..., F, d)
+        z = F.gelu(pre)
+        return torch.einsum("...fd,...fcd->...fc", z.expand(*node.shape, -1),
+                            self.weight[node]) + self.bias[node]
 
 
 class BitTransformerLM(nn.Module):
@@ -224,12 +236,12 @@ class BitTransformerLM(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         if cfg.layout == "flat":
             self.head = nn.Linear(C, 2)
-        elif cfg.local == "tree":
-            self.local = TreeBitPredictor(cfg)
-        elif cfg.local == "mlp":
-            self.local = LocalBitPredictor(cfg)
+        elif cfg.local in LOCALS:
+            self.local = (LocalBitPredictor(cfg) if cfg.local == "mlp"
+                          else TreeBitPredictor(cfg, hidden=cfg.local == "node_mlp"))
         else:
-            raise ValueError(f"model.local must be 'tree' or 'mlp', got {cfg.local!r}")
+            raise ValueError(f"model.local must be one of {', '.join(LOCALS)}, got "
+                             f"{cfg.local!r}")
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

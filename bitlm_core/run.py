@@ -162,8 +162,9 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
         f"bytes")
     samples = []
     for i in range(spec.sample.count):
-        result = generate(model, comps, spec.sample.prompt, spec.sample.bytes,
-                          seed=spec.sample.seed + i, strict=spec.safety.strict)
+        result = generate(model, comps.encoder, comps.sampler, spec.sample.prompt,
+                          spec.sample.bytes, seed=spec.sample.seed + i, gate=comps.gate,
+                          telemetry=comps.telemetry, strict=spec.safety.strict)
         samples.append(result)
     with open(run_dir / "samples.txt", "w", encoding="utf-8") as f:
         for i, s in enumerate(samples):
@@ -254,14 +255,15 @@ class SampleResult:
     seconds: float = 0.0
 
 
-def generate(model, comps: Components, prompt: str, n_bytes: int, seed: int = 0,
-             strict: bool = False, sampler=None) -> SampleResult:
-    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through the gate."""
+def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, gate=None,
+             telemetry: dict[str, Any] | None = None, strict: bool = False) -> SampleResult:
+    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through ``gate``."""
     import numpy as np
     import torch
 
-    sampler = sampler or comps.sampler
-    enc = comps.encoder
+    from bitlm_core.builtins.safety import NoGate
+
+    enc = encoder
     prompt_bits = enc.encode(prompt.encode("utf-8"))
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -273,14 +275,14 @@ def generate(model, comps: Components, prompt: str, n_bytes: int, seed: int = 0,
     text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
         "utf-8", errors="replace")
     metrics: dict[str, float] = {}
-    if comps.telemetry and len(new):
+    if telemetry and len(new):
         row = torch.from_numpy(np.ascontiguousarray(new.reshape(1, -1)))
-        for name, metric in comps.telemetry.items():
+        for name, metric in telemetry.items():
             try:
                 metrics[name] = float(metric(row, None).float().mean())
             except Exception:  # metrics that need model probabilities are skipped here
                 continue
-    decision = comps.gate.check(metrics)
+    decision = (gate or NoGate()).check(metrics)
     if not decision and strict:
         raise SafetyError("safety gate blocked the sample: " + "; ".join(decision.reasons))
     return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start)

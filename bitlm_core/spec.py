@@ -50,7 +50,7 @@ class ModelSection(Strict):
     n_heads: int = Field(4, ge=1)
     d_ff: Optional[int] = Field(None, ge=1, description="default 4 * d_model")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    local: Literal["tree", "mlp"] = Field("tree", description="framed layout: local bit "
+    local: Literal["tree", "node_mlp", "mlp"] = Field("tree", description="framed layout: local bit "
                                                               "predictor")
     local_layers: int = Field(2, ge=0, description="framed layout, mlp: local predictor depth")
     local_dim: Optional[int] = Field(None, ge=8, description="framed layout: default d_model")
@@ -81,10 +81,11 @@ class TrainSection(Strict):
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    grad_clip: float = Field(0.05, ge=0, description="max gradient norm (loss in nats per bit); "
+                                                     "0 disables clipping")
     seed: int = 0
-    threads: Union[int, Literal["auto"]] = Field(1, description="torch threads; 'auto' keeps "
-                                                                "torch's default")
+    threads: Union[int, Literal["auto"]] = Field(1, description="torch threads; 1 is bitwise "
+                                                 "reproducible, 'auto' (one per core) faster")
     eval_every: int = Field(200, ge=1)
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(200, ge=1)

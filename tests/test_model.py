@@ -4,7 +4,7 @@ import torch
 from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.model import MASK, BitTransformerLM, ModelConfig
 
-CASES = [("flat", "tree"), ("framed", "tree"), ("framed", "mlp")]
+CASES = [("flat", "tree"), ("framed", "tree"), ("framed", "node_mlp"), ("framed", "mlp")]
 
 
 def tiny(layout, local="tree", frames=6, seed=0):

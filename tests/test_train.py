@@ -127,8 +127,9 @@ def test_eval_and_sample_from_a_loaded_checkpoint(tmp_path, tiny_spec, tiny_corp
     assert result["bytes"] == len(data) and 0 < result["bits_per_byte"] < 9.5
     from bitlm_core.run import generate
 
-    s1 = generate(run.model, run.comps, "the ", 12, seed=3)
-    s2 = generate(run.model, run.comps, "the ", 12, seed=3)
+    c = run.comps
+    s1 = generate(run.model, c.encoder, c.sampler, "the ", 12, seed=3)
+    s2 = generate(run.model, c.encoder, c.sampler, "the ", 12, seed=3)
     assert s1.text == s2.text and s1.text.startswith("the ")
     frames = s1.bits.view(-1, 9)
     assert torch.equal(frames[:, :8].sum(1) % 2, frames[:, 8].long())  # parity-valid

@@ -1,0 +1,1 @@
+"""Data shipped with bitlm-core: the quickstart corpus and spec."""
