@@ -223,26 +223,19 @@ def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 3
     import torch
 
     from bitlm_core.dataset import check_text
+    from bitlm_core.train import score_batches
 
     check_text(data, source, run.spec.data.require_utf8)
     enc = run.comps.encoder
     Fb, W = enc.frame_bits, run.spec.data.seq_len
     bits = torch.from_numpy(enc.encode_np(data))
-    total, n_bytes = 0.0, 0
-    with torch.no_grad():
-        full = (len(data) // W) * W
-        rows = bits[: full * Fb].view(-1, W * Fb)
-        for i in range(0, rows.size(0), batch_size):
-            batch = rows[i:i + batch_size]
-            out = run.comps.objective(run.model, batch)
-            total += out.bits_per_byte * batch.numel() / Fb
-            n_bytes += batch.numel() // Fb
-        if full < len(data):
-            tail = bits[full * Fb:].view(1, -1)
-            out = run.comps.objective(run.model, tail)
-            total += out.bits_per_byte * tail.numel() / Fb
-            n_bytes += tail.numel() // Fb
-    return {"bits_per_byte": total / n_bytes, "bytes": n_bytes,
+    full = (len(data) // W) * W
+    rows = bits[: full * Fb].view(-1, W * Fb)
+    batches = list(rows.split(batch_size))
+    if full < len(data):
+        batches.append(bits[full * Fb:].view(1, -1))  # the last, shorter window
+    bpb, n_bytes = score_batches(run.model, run.comps.objective, batches, Fb)
+    return {"bits_per_byte": bpb, "bytes": n_bytes,
             "is_bound": bool(getattr(run.comps.objective, "is_bound", False))}
 
 

@@ -61,21 +61,29 @@ def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.AdamW
 
 
 @torch.no_grad()
-def evaluate(model, objective, dataset: BitDataset, batch_size: int,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Held-out bits per byte over non-overlapping windows (all of them by default)."""
+def score_batches(model, objective, batches, frame_bits: int) -> tuple[float, int]:
+    """(bits per byte, bytes) over batches of windows, each batch weighted by its bytes."""
     was_training = model.training
     model.eval()
     total, n_bytes = 0.0, 0
-    for batch in dataset.val_batches(batch_size, max_batches):
-        out = objective(model, batch)
-        frames = batch.numel() // dataset.frame_bits
-        total += out.bits_per_byte * frames
-        n_bytes += frames
-    model.train(was_training)
+    try:
+        for batch in batches:
+            frames = batch.numel() // frame_bits
+            total += objective(model, batch).bits_per_byte * frames
+            n_bytes += frames
+    finally:
+        model.train(was_training)
+    return (total / n_bytes if n_bytes else float("nan")), n_bytes
+
+
+def evaluate(model, objective, dataset: BitDataset, batch_size: int,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Held-out bits per byte over non-overlapping windows (all of them by default)."""
+    bpb, n_bytes = score_batches(model, objective, dataset.val_batches(batch_size, max_batches),
+                                 dataset.frame_bits)
     if n_bytes == 0:
         raise BitlmError("the held-out split holds no whole window; lower data.seq_len")
-    return {"bits_per_byte": total / n_bytes, "bytes": n_bytes,
+    return {"bits_per_byte": bpb, "bytes": n_bytes,
             "bound": bool(getattr(objective, "is_bound", False))}
 
 
