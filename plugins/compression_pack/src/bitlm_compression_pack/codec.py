@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from bitlm_core.bits import check_bits
+from bitlm_core.codecs import (DEFAULT_MAX_BITS, StreamCodec, as_bit_array, check_limit,
+                               checked_total, one_row, ragged_rows, to_tensor)
 from bitlm_core.errors import CodecError
 
 MAGIC = b"BPAK"
@@ -52,58 +53,9 @@ KNOWN_FLAGS = FLAG_BOOL | FLAG_BATCH | FLAG_CRC
 PREFIX = struct.Struct("<4sBB")
 COUNT = struct.Struct("<Q")
 CRC = struct.Struct("<I")
-DEFAULT_MAX_BITS = 1 << 30  # 1 G bits: 1 GiB of uint8 output
 
 __all__ = ["PackCodec", "compress", "decompress", "compress_batch", "decompress_batch",
            "stats", "DEFAULT_MAX_BITS", "MAGIC", "VERSION"]
-
-
-# -- input handling -----------------------------------------------------------------------
-
-def as_bit_array(bits: Any, name: str = "bits") -> tuple[np.ndarray, bool]:
-    """A torch/numpy bit tensor -> (uint8 numpy array sharing its memory, whether it was bool).
-
-    Validation is one numpy ``max`` (tens of G bits/s; a torch reduction is ~10x slower), and
-    anything that fails it goes to :func:`bitlm_core.bits.check_bits` for the error message.
-    """
-    import torch
-
-    if isinstance(bits, torch.Tensor) and bits.dtype in (torch.bool, torch.uint8):
-        arr = bits.detach().cpu().contiguous()
-        is_bool = arr.dtype == torch.bool
-        arr = (arr.view(torch.uint8) if is_bool else arr).numpy()
-    elif isinstance(bits, np.ndarray) and bits.dtype in (np.bool_, np.uint8):
-        is_bool = bits.dtype == np.bool_
-        arr = np.ascontiguousarray(bits).view(np.uint8)
-    else:
-        check_bits(bits, name)  # raises BitsError saying what is wrong
-        raise CodecError(f"{name} is not a bit tensor")
-    if not is_bool and arr.size and int(arr.max()) > 1:
-        check_bits(bits, name)
-    return arr, is_bool
-
-
-def _rows(seqs: Any) -> tuple[np.ndarray, np.ndarray, bool]:
-    """A 2-D tensor or a list of 1-D tensors -> (concatenated bits, row lengths, is_bool)."""
-    if isinstance(seqs, (list, tuple)):
-        arrays = [as_bit_array(s, f"seqs[{i}]") for i, s in enumerate(seqs)]
-        for i, (arr, _) in enumerate(arrays):
-            if arr.ndim != 1:
-                raise CodecError(f"compress_batch: seqs[{i}] has shape {tuple(arr.shape)}; "
-                                 "every sequence must be 1-D")
-        kinds = {is_bool for _, is_bool in arrays}
-        if len(kinds) > 1:
-            raise CodecError("compress_batch: sequences mix torch.bool and torch.uint8; "
-                             "convert them to one dtype first")
-        lengths = np.array([arr.size for arr, _ in arrays], dtype="<u8")
-        cat = (np.concatenate([arr for arr, _ in arrays]) if arrays
-               else np.empty(0, dtype=np.uint8))
-        return cat, lengths, bool(kinds and kinds.pop())
-    arr, is_bool = as_bit_array(seqs, "seqs")
-    if arr.ndim != 2:
-        raise CodecError(f"compress_batch takes a list of 1-D tensors or a 2-D tensor, got "
-                         f"shape {tuple(arr.shape)}")
-    return arr.reshape(-1), np.full(arr.shape[0], arr.shape[1], dtype="<u8"), is_bool
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -123,15 +75,10 @@ def _flags(is_bool: bool, batch: bool, checksum: bool) -> int:
 
 # -- decoding -----------------------------------------------------------------------------
 
-def _check_limit(max_bits: Any) -> int:
-    if isinstance(max_bits, bool) or not isinstance(max_bits, (int, np.integer)) or max_bits < 0:
-        raise CodecError(f"max_bits must be a non-negative int, got {max_bits!r}")
-    return min(int(max_bits), 1 << 62)
-
 
 def _decode(data: Any, max_bits: Any, batch: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """Validate and decode a stream -> (concatenated bits, row lengths, is_bool)."""
-    limit = _check_limit(max_bits)
+    limit = check_limit(max_bits)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"pack streams are bytes, got {type(data).__name__}")
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -167,7 +114,7 @@ def _decode(data: Any, max_bits: Any, batch: bool) -> tuple[np.ndarray, np.ndarr
     else:
         lengths = np.frombuffer(data, dtype="<u8", count=1, offset=offset)
         offset += COUNT.size
-    total = _checked_total(lengths, limit)
+    total = checked_total(lengths, limit, "pack")
     payload_size = (total + 7) // 8
     if body_end - offset != payload_size:
         raise CodecError(f"pack stream declares {total} bits, which take {payload_size} bytes, "
@@ -181,36 +128,13 @@ def _decode(data: Any, max_bits: Any, batch: bool) -> tuple[np.ndarray, np.ndarr
     return np.unpackbits(payload, count=total), lengths.astype(np.int64), bool(flags & FLAG_BOOL)
 
 
-def _checked_total(lengths: np.ndarray, max_bits: int) -> int:
-    """Sum of the row lengths, refusing (without overflow) anything over ``max_bits``."""
-    if lengths.size == 0:
-        return 0
-    approx = float(lengths.sum(dtype=np.float64))
-    if int(lengths.max()) > max_bits or approx > max_bits + 1.0:
-        raise CodecError(f"pack stream declares {approx:.0f} bits, over the limit max_bits="
-                         f"{max_bits}; raise max_bits if the stream is trusted")
-    total = int(lengths.sum())
-    if total > max_bits:
-        raise CodecError(f"pack stream declares {total} bits, over the limit max_bits="
-                         f"{max_bits}; raise max_bits if the stream is trusted")
-    return total
-
-
-def _to_tensor(arr: np.ndarray, is_bool: bool):
-    import torch
-
-    t = torch.from_numpy(arr)
-    return t.view(torch.bool) if is_bool else t
 
 
 # -- public API ---------------------------------------------------------------------------
 
 def compress(bits: Any, checksum: bool = True) -> bytes:
     """One 1-D bit tensor (torch.uint8 or torch.bool) -> a pack stream (CRC32 if checksum)."""
-    arr, is_bool = as_bit_array(bits)
-    if arr.ndim != 1:
-        raise CodecError(f"pack.compress takes one sequence of shape (L,), got shape "
-                         f"{tuple(arr.shape)}; use compress_batch for several sequences")
+    arr, is_bool = one_row(bits, "pack")
     header = PREFIX.pack(MAGIC, VERSION, _flags(is_bool, False, checksum)) + COUNT.pack(arr.size)
     return _encode(header, arr, checksum)
 
@@ -222,21 +146,21 @@ def decompress(data: bytes, max_bits: int = DEFAULT_MAX_BITS):
     declares more than ``max_bits`` bits.
     """
     bits, _, is_bool = _decode(data, max_bits, batch=False)
-    return _to_tensor(bits, is_bool)
+    return to_tensor(bits, is_bool)
 
 
 def compress_batch(seqs: Any, checksum: bool = True) -> bytes:
     """A list of 1-D bit tensors (any lengths) or a 2-D bit tensor -> one pack batch stream."""
-    cat, lengths, is_bool = _rows(seqs)
+    cat, lengths, is_bool = ragged_rows(seqs)
     header = (PREFIX.pack(MAGIC, VERSION, _flags(is_bool, True, checksum))
-              + COUNT.pack(lengths.size) + lengths.tobytes())
+              + COUNT.pack(lengths.size) + lengths.astype("<u8").tobytes())
     return _encode(header, cat, checksum)
 
 
 def decompress_batch(data: bytes, max_bits: int = DEFAULT_MAX_BITS) -> list:
     """A pack batch stream -> a list of 1-D tensors; ``max_bits`` caps the total over rows."""
     bits, lengths, is_bool = _decode(data, max_bits, batch=True)
-    t = _to_tensor(bits, is_bool)
+    t = to_tensor(bits, is_bool)
     return list(t.split(lengths.tolist())) if lengths.size else []
 
 
@@ -254,39 +178,15 @@ def stats(bits: Any, checksum: bool = True) -> dict[str, Any]:
             "ratio": ratio, "expands": ratio < 1.0, "storage_ratio": arr.size / out_bytes}
 
 
-class PackCodec:
+class PackCodec(StreamCodec):
     """The ``pack`` compressor: 8 bits per byte (see the module docstring).
 
-    Options (bound from a run spec's ``compression.options``):
-
-    ``max_bits``
-        default decompression limit (total bits a stream may declare); each ``decompress``
-        call can override it.
-    ``checksum``
-        append a CRC32 to every stream (default). Decoding follows the stream's own flag, so
-        streams written either way decode with any ``PackCodec``.
+    Options ``max_bits`` and ``checksum``: see :class:`bitlm_core.codecs.StreamCodec`.
     """
 
     name = "pack"
-
-    def __init__(self, max_bits: int = DEFAULT_MAX_BITS, checksum: bool = True):
-        self.max_bits = _check_limit(max_bits)
-        self.checksum = bool(checksum)
-
-    def compress(self, bits: Any) -> bytes:
-        return compress(bits, self.checksum)
-
-    def decompress(self, data: bytes, max_bits: int | None = None):
-        return decompress(data, self.max_bits if max_bits is None else max_bits)
-
-    def compress_batch(self, seqs: Sequence[Any] | Any) -> bytes:
-        return compress_batch(seqs, self.checksum)
-
-    def decompress_batch(self, data: bytes, max_bits: int | None = None) -> list:
-        return decompress_batch(data, self.max_bits if max_bits is None else max_bits)
-
-    def stats(self, bits: Any) -> dict[str, Any]:
-        return stats(bits, self.checksum)
-
-    def __repr__(self) -> str:
-        return f"PackCodec(max_bits={self.max_bits}, checksum={self.checksum})"
+    encode = staticmethod(compress)
+    decode = staticmethod(decompress)
+    encode_batch = staticmethod(compress_batch)
+    decode_batch = staticmethod(decompress_batch)
+    measure = staticmethod(stats)

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from bitlm_core.bits import check_bits
+from bitlm_core.codecs import (DEFAULT_MAX_BITS, StreamCodec, check_limit,
+                               checked_total, one_row, ragged_rows, to_tensor)
 from bitlm_core.errors import CodecError
 from bitlm_compression_rle.varint import (MAX_VARINT_BYTES, decode_varints, encode_varint,
                                           encode_varints, read_varint)
@@ -52,71 +53,10 @@ FLAG_CRC = 0x04
 KNOWN_FLAGS = FLAG_BOOL | FLAG_BATCH | FLAG_CRC
 PREFIX_SIZE = 6  # magic + version + flags
 CRC = struct.Struct("<I")
-DEFAULT_MAX_BITS = 1 << 30  # 1 G bits: 1 GiB of uint8 output
 
 __all__ = ["RunLengthCodec", "compress", "decompress", "compress_batch", "decompress_batch",
            "run_lengths", "stats", "DEFAULT_MAX_BITS", "MAGIC", "VERSION"]
 
-
-# -- input handling -----------------------------------------------------------------------
-
-def as_bit_array(bits: Any, name: str = "bits") -> tuple[np.ndarray, bool]:
-    """A torch/numpy bit tensor -> (uint8 numpy view or copy, whether it was bool).
-
-    Bool inputs are viewed as uint8 without a copy (they can only hold 0 and 1); uint8 inputs
-    are checked with one numpy ``max`` (much faster than a torch reduction), and anything else
-    goes to :func:`bitlm_core.bits.check_bits`, which raises ``BitsError`` saying what is wrong.
-    """
-    import torch
-
-    if isinstance(bits, torch.Tensor) and bits.dtype == torch.bool:
-        return bits.detach().cpu().contiguous().view(torch.uint8).numpy(), True
-    if isinstance(bits, np.ndarray) and bits.dtype == np.bool_:
-        return np.ascontiguousarray(bits).view(np.uint8), True
-    if isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8:
-        arr = bits.detach().cpu().contiguous().numpy()
-    elif isinstance(bits, np.ndarray) and bits.dtype == np.uint8:
-        arr = np.ascontiguousarray(bits)
-    else:
-        arr = None
-    if arr is not None and (arr.size == 0 or int(arr.max()) <= 1):  # numpy max: ~60 G/s
-        return arr, False
-    check_bits(bits, name)  # raises BitsError naming the problem
-    raise CodecError(f"{name} is not a bit tensor")  # unreachable for tensors check_bits accepts
-
-
-def _one_row(bits: Any) -> tuple[np.ndarray, bool]:
-    arr, is_bool = as_bit_array(bits)
-    if arr.ndim != 1:
-        raise CodecError(f"rle.compress takes one sequence of shape (L,), got shape "
-                         f"{tuple(arr.shape)}; use compress_batch for several sequences")
-    return arr, is_bool
-
-
-def _rows(seqs: Any) -> tuple[np.ndarray, np.ndarray, bool]:
-    """A 2-D tensor or a list of 1-D tensors -> (concatenated bits, row lengths, is_bool)."""
-    if isinstance(seqs, (list, tuple)):
-        arrays = [as_bit_array(s, f"seqs[{i}]") for i, s in enumerate(seqs)]
-        for i, (arr, _) in enumerate(arrays):
-            if arr.ndim != 1:
-                raise CodecError(f"compress_batch: seqs[{i}] has shape {tuple(arr.shape)}; "
-                                 "every sequence must be 1-D")
-        kinds = {is_bool for _, is_bool in arrays}
-        if len(kinds) > 1:
-            raise CodecError("compress_batch: sequences mix torch.bool and torch.uint8; "
-                             "convert them to one dtype first")
-        lengths = np.array([arr.size for arr, _ in arrays], dtype=np.int64)
-        cat = (np.concatenate([arr for arr, _ in arrays]) if arrays
-               else np.empty(0, dtype=np.uint8))
-        return cat, lengths, bool(kinds and kinds.pop())
-    arr, is_bool = as_bit_array(seqs, "seqs")
-    if arr.ndim != 2:
-        raise CodecError(f"compress_batch takes a list of 1-D tensors or a 2-D tensor, got "
-                         f"shape {tuple(arr.shape)}")
-    return arr.reshape(-1), np.full(arr.shape[0], arr.shape[1], dtype=np.int64), is_bool
-
-
-# -- encoding -----------------------------------------------------------------------------
 
 def run_lengths(cat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Maximal runs of ``cat`` that never cross a row boundary -> (run lengths, row firsts)."""
@@ -166,31 +106,11 @@ def _buffer(data: Any) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _check_limit(max_bits: Any) -> int:
-    if isinstance(max_bits, bool) or not isinstance(max_bits, (int, np.integer)) or max_bits < 0:
-        raise CodecError(f"max_bits must be a non-negative int, got {max_bits!r}")
-    return min(int(max_bits), 1 << 62)
-
-
-def _checked_total(lengths: np.ndarray, max_bits: int) -> int:
-    """Sum of the row lengths, refusing (without overflow) anything over ``max_bits``."""
-    if lengths.size == 0:
-        return 0
-    biggest = int(lengths.max())
-    if biggest > max_bits or float(lengths.sum(dtype=np.float64)) > max_bits + 1.0:
-        declared = float(lengths.sum(dtype=np.float64))
-        raise CodecError(f"rle stream declares {declared:.0f} bits, over the limit "
-                         f"max_bits={max_bits}; raise max_bits if the stream is trusted")
-    total = int(lengths.sum())
-    if total > max_bits:
-        raise CodecError(f"rle stream declares {total} bits, over the limit max_bits="
-                         f"{max_bits}; raise max_bits if the stream is trusted")
-    return total
 
 
 def _decode(data: Any, max_bits: Any, batch: bool) -> tuple[np.ndarray, np.ndarray, bool]:
     """Validate and decode a stream -> (concatenated bits, row lengths, is_bool)."""
-    limit = _check_limit(max_bits)
+    limit = check_limit(max_bits)
     buf = _buffer(data)
     if buf.size < PREFIX_SIZE + 2:
         raise CodecError(f"rle stream truncated: {buf.size} bytes, the smallest stream has "
@@ -225,7 +145,7 @@ def _decode(data: Any, max_bits: Any, batch: bool) -> tuple[np.ndarray, np.ndarr
     body = buf[offset + first_bytes:body_end]
     split = _varints_end(body, n_rows, "rle row lengths")
     lengths = decode_varints(body[:split], n_rows, "rle row lengths")
-    total = _checked_total(lengths, limit)
+    total = checked_total(lengths, limit, "rle")
     lengths = lengths.astype(np.int64)
     if np.any(firsts[lengths == 0]):
         raise CodecError("rle stream gives a first bit of 1 to an empty row (corrupted stream)")
@@ -330,18 +250,12 @@ def _expand(first: int, flips: np.ndarray, total: int) -> np.ndarray:
     return np.unpackbits(packed, count=total)
 
 
-def _to_tensor(arr: np.ndarray, is_bool: bool):
-    import torch
-
-    t = torch.from_numpy(arr)
-    return t.view(torch.bool) if is_bool else t
-
 
 # -- public API ---------------------------------------------------------------------------
 
 def compress(bits: Any, checksum: bool = True) -> bytes:
     """One 1-D bit tensor (torch.uint8 or torch.bool) -> an rle stream (CRC32 if checksum)."""
-    arr, is_bool = _one_row(bits)
+    arr, is_bool = one_row(bits, "rle")
     return _encode(arr, np.array([arr.size], dtype=np.int64), is_bool, False, checksum)
 
 
@@ -352,19 +266,19 @@ def decompress(data: bytes, max_bits: int = DEFAULT_MAX_BITS):
     declares more than ``max_bits`` bits.
     """
     bits, _, is_bool = _decode(data, max_bits, batch=False)
-    return _to_tensor(bits, is_bool)
+    return to_tensor(bits, is_bool)
 
 
 def compress_batch(seqs: Any, checksum: bool = True) -> bytes:
     """A list of 1-D bit tensors (any lengths) or a 2-D bit tensor -> one rle batch stream."""
-    cat, lengths, is_bool = _rows(seqs)
+    cat, lengths, is_bool = ragged_rows(seqs)
     return _encode(cat, lengths, is_bool, True, checksum)
 
 
 def decompress_batch(data: bytes, max_bits: int = DEFAULT_MAX_BITS) -> list:
     """An rle batch stream -> a list of 1-D tensors; ``max_bits`` caps the total over rows."""
     bits, lengths, is_bool = _decode(data, max_bits, batch=True)
-    t = _to_tensor(bits, is_bool)
+    t = to_tensor(bits, is_bool)
     return list(t.split(lengths.tolist())) if lengths.size else []
 
 
@@ -375,7 +289,7 @@ def stats(bits: Any, checksum: bool = True) -> dict[str, Any]:
     bits costs about a byte per two bits). ``storage_ratio`` compares with the one-byte-per-bit
     tensor instead (8 times ``ratio``).
     """
-    arr, _ = _one_row(bits)
+    arr, _ = one_row(bits, "rle")
     out_bits = 8 * len(compress(bits, checksum))
     runs, _ = run_lengths(arr, np.array([arr.size], dtype=np.int64))
     ratio = arr.size / out_bits
@@ -385,39 +299,15 @@ def stats(bits: Any, checksum: bool = True) -> dict[str, Any]:
             "runs_per_bit": runs.size / arr.size if arr.size else 0.0}
 
 
-class RunLengthCodec:
+class RunLengthCodec(StreamCodec):
     """The ``rle`` compressor: run lengths as LEB128 varints (see the module docstring).
 
-    Options (bound from a run spec's ``compression.options``):
-
-    ``max_bits``
-        default decompression limit (total bits a stream may declare); each ``decompress``
-        call can override it.
-    ``checksum``
-        end every stream with a CRC32 (default). Decoding follows the stream's own flag, so
-        streams written either way decode with any ``RunLengthCodec``.
+    Options ``max_bits`` and ``checksum``: see :class:`bitlm_core.codecs.StreamCodec`.
     """
 
     name = "rle"
-
-    def __init__(self, max_bits: int = DEFAULT_MAX_BITS, checksum: bool = True):
-        self.max_bits = _check_limit(max_bits)
-        self.checksum = bool(checksum)
-
-    def compress(self, bits: Any) -> bytes:
-        return compress(bits, self.checksum)
-
-    def decompress(self, data: bytes, max_bits: int | None = None):
-        return decompress(data, self.max_bits if max_bits is None else max_bits)
-
-    def compress_batch(self, seqs: Sequence[Any] | Any) -> bytes:
-        return compress_batch(seqs, self.checksum)
-
-    def decompress_batch(self, data: bytes, max_bits: int | None = None) -> list:
-        return decompress_batch(data, self.max_bits if max_bits is None else max_bits)
-
-    def stats(self, bits: Any) -> dict[str, Any]:
-        return stats(bits, self.checksum)
-
-    def __repr__(self) -> str:
-        return f"RunLengthCodec(max_bits={self.max_bits}, checksum={self.checksum})"
+    encode = staticmethod(compress)
+    decode = staticmethod(decompress)
+    encode_batch = staticmethod(compress_batch)
+    decode_batch = staticmethod(decompress_batch)
+    measure = staticmethod(stats)
