@@ -35,7 +35,7 @@ from bitlm_core.errors import BitsError
 MASK = 2  # token value of a masked bit (non-causal objectives)
 BOS = 3  # token value of "before the start" (flat layout, causal)
 LAYOUTS = ("flat", "framed")
-LOCALS = ("tree", "node_mlp", "mlp")  # local bit predictors of the framed layout
+LOCALS = ("joint", "tree", "node_mlp", "mlp")  # local bit predictors of the framed layout
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,10 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 512
     dropout: float = 0.0
-    local: str = "tree"  # framed: local bit predictor, one of LOCALS
+    local: str = "joint"  # framed: local bit predictor, one of LOCALS
     local_layers: int = 2  # framed, mlp: residual MLP layers of the local bit predictor
     local_dim: int = 128  # framed: width of the local bit predictor
+    frame_parity: bool = False  # each frame's last bit is the even parity of the others
 
     @property
     def max_positions(self) -> int:
@@ -216,6 +217,74 @@ class TreeBitPredictor(nn.Module):
                             self.weight[node]) + self.bias[node]
 
 
+class JointBitPredictor(nn.Module):
+    """Predicts a frame's bits one at a time from one score per frame value (``local: joint``).
+
+    ``h_t`` gives a score ``s_v`` to each of the ``2**F`` values ``v`` a frame can take. The
+    probability of bit ``j`` given the frame's earlier bits is read from those scores exactly:
+
+        P(b_j = x | b_<j) = sum(exp s_v : v starts with b_<j, x) / sum(exp s_v : v starts with b_<j)
+
+    so a bit never depends on itself or on later bits, and the bits' log-probabilities add up to
+    the log-softmax of the whole frame. Every score takes part in every bit it can affect, which
+    lets all bits of a frame learn from each example; that is why it learns faster than
+    per-node classifiers (``tree``, ``node_mlp``), which see a node only when its prefix occurs.
+
+    The sums are built level by level from ``exp(s - max s)``: level ``F`` holds the values,
+    level ``k`` the ``2**k`` sums over the values sharing a prefix of length ``k`` (pairwise
+    adds of strided views: a reduction over a last dimension of 2 is ten times slower); bit
+    ``j`` with prefix ``p`` has logits ``log`` of the two level-``j+1`` sums below ``p``. A sum that
+    underflows (its values lie more than about 87 nats below the best one) is clamped to the
+    smallest normal float, so probabilities are exact except in that far tail, where they are
+    floored and every loss stays finite. Non-causal use (no prefix known) returns each bit's
+    marginal: the sums over the values with that bit at 0 and at 1.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        F_ = cfg.frame_bits
+        if F_ > 12:
+            raise ValueError(f"model.local 'joint' supports frames of up to 12 bits, got {F_}; "
+                             f"use model.local: mlp")
+        self.frame_bits = F_
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, 2 ** (F_ - 1) if cfg.frame_parity else 2 ** F_)
+        if cfg.frame_parity:  # the parity bit of each data value, placed after it
+            value = torch.arange(2 ** (F_ - 1))
+            ones = sum((value >> i) & 1 for i in range(F_ - 1))
+            self.register_buffer("parity", (ones % 2).float(), persistent=False)
+        else:
+            self.parity = None
+
+    def forward(self, h, bits=None):
+        """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""
+        F_ = self.frame_bits
+        s = self.head(self.ln(h)).float()  # one score per value, MSB-first order
+        e = torch.exp(s - s.detach().amax(dim=-1, keepdim=True))
+        n = F_ - 1 if self.parity is not None else F_  # bits scored through ``e``
+        levels = [e]  # levels[i]: sums over the values sharing a prefix of length n - i
+        for _ in range(n - 1):
+            levels.append(levels[-1][..., 0::2] + levels[-1][..., 1::2])
+        pairs = []
+        if bits is None:  # marginals: bit j is the last bit of a length-(j+1) prefix
+            for j in range(n):
+                level = levels[n - 1 - j]
+                pairs.append(torch.stack([level[..., 0::2].sum(-1), level[..., 1::2].sum(-1)], -1))
+            if self.parity is not None:
+                odd = (e * self.parity).sum(-1)
+                pairs.append(torch.stack([e.sum(-1) - odd, odd], -1))
+        else:
+            prefix = prefix_nodes(bits, F_) - (2 ** torch.arange(F_, device=bits.device) - 1)
+            two = torch.arange(2, device=bits.device)
+            for j in range(n):  # the two length-(j+1) prefixes extending bit j's prefix
+                pairs.append(levels[n - 1 - j].gather(-1, 2 * prefix[..., j, None] + two))
+            if self.parity is not None:  # data value -> all its mass on its own parity
+                data = prefix[..., F_ - 1, None]
+                odd = self.parity[data]
+                pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
+        return torch.stack(pairs, dim=-2).clamp_min(torch.finfo(e.dtype).tiny).log()
+
+
 class BitTransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend):
         super().__init__()
@@ -228,7 +297,9 @@ class BitTransformerLM(nn.Module):
             self.tok = nn.Embedding(4, C)  # 0, 1, MASK, BOS
             self.phase = nn.Embedding(Fb, C)
         else:
-            self.frame_in = nn.Embedding(Fb * 3, C)  # (phase, value in {0, 1, MASK})
+            # a whole frame, by its value (its data value when the last bit is parity)
+            self.frame_table = nn.Embedding(2 ** (Fb - cfg.frame_parity), C)
+            self.frame_in = nn.Embedding(Fb * 3, C)  # frames with a MASK: (phase, value) sums
             self.bos = nn.Parameter(torch.zeros(C))
         self.pos = nn.Embedding(cfg.max_positions, C)
         self.drop = nn.Dropout(cfg.dropout)
@@ -236,9 +307,12 @@ class BitTransformerLM(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         if cfg.layout == "flat":
             self.head = nn.Linear(C, 2)
+        elif cfg.local == "joint":
+            self.local = JointBitPredictor(cfg)
+        elif cfg.local == "mlp":
+            self.local = LocalBitPredictor(cfg)
         elif cfg.local in LOCALS:
-            self.local = (LocalBitPredictor(cfg) if cfg.local == "mlp"
-                          else TreeBitPredictor(cfg, hidden=cfg.local == "node_mlp"))
+            self.local = TreeBitPredictor(cfg, hidden=cfg.local == "node_mlp")
         else:
             raise ValueError(f"model.local must be one of {', '.join(LOCALS)}, got "
                              f"{cfg.local!r}")
@@ -281,9 +355,22 @@ class BitTransformerLM(nn.Module):
         return self.ln_f(x), maps
 
     def _frame_embed(self, tokens):
-        """tokens (B, T, F) in {0, 1, MASK} -> (B, T, C)."""
-        idx = torch.arange(self.frame_bits, device=tokens.device) * 3 + tokens.long()
-        return self.frame_in(idx).sum(dim=-2)
+        """tokens (B, T, F) in {0, 1, MASK} -> (B, T, C).
+
+        A whole frame is looked up by its value (a sum of per-bit vectors, linear in the bits,
+        learnt far slower: 3.31 against 2.97 held-out bits per byte after 400 steps). A frame
+        holding a MASK (non-causal objectives) is the sum of one vector per (phase, value).
+        """
+        Fb = self.frame_bits
+        tokens = tokens.long()
+        masked = (tokens > 1).any(dim=-1)
+        data = tokens[..., : Fb - 1] if self.cfg.frame_parity else tokens
+        place = 2 ** torch.arange(data.size(-1) - 1, -1, -1, device=tokens.device)  # MSB first
+        x = self.frame_table((data * place).sum(dim=-1).masked_fill(masked, 0))
+        if masked.any():
+            idx = torch.arange(Fb, device=tokens.device) * 3 + tokens
+            x = torch.where(masked.unsqueeze(-1), self.frame_in(idx).sum(dim=-2), x)
+        return x
 
     def forward(self, tokens, causal: bool = True, return_attention: bool = False):
         """tokens (B, L) -> logits (B, L, 2); with ``return_attention`` also per-layer maps.

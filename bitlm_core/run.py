@@ -80,7 +80,7 @@ def build_model(spec: RunSpec, comps: Components):
     from bitlm_core.train import model_config
 
     torch.manual_seed(spec.train.seed)
-    return BitTransformerLM(model_config(spec, comps.encoder.frame_bits), comps.attention)
+    return BitTransformerLM(model_config(spec, comps.encoder), comps.attention)
 
 
 # -- run folders ----------------------------------------------------------------------------

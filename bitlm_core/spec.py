@@ -50,10 +50,11 @@ class ModelSection(Strict):
     n_heads: int = Field(4, ge=1)
     d_ff: Optional[int] = Field(None, ge=1, description="default 4 * d_model")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    local: Literal["tree", "node_mlp", "mlp"] = Field("tree", description="framed layout: local bit "
-                                                              "predictor")
+    local: Literal["joint", "tree", "node_mlp", "mlp"] = Field(
+        "joint", description="framed layout: local bit predictor")
     local_layers: int = Field(2, ge=0, description="framed layout, mlp: local predictor depth")
-    local_dim: Optional[int] = Field(None, ge=8, description="framed layout: default d_model")
+    local_dim: Optional[int] = Field(None, ge=8, description="framed layout, tree, node_mlp, "
+                                                             "mlp: width; default d_model")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -24,9 +24,11 @@ from bitlm_core.model import BitTransformerLM, ModelConfig
 from bitlm_core.spec import RunSpec, TrainSection
 
 
-def model_config(spec: RunSpec, frame_bits: int) -> ModelConfig:
+def model_config(spec: RunSpec, encoder) -> ModelConfig:
     m = spec.model
-    return ModelConfig(layout=m.layout, frame_bits=frame_bits, max_frames=spec.data.seq_len,
+    return ModelConfig(layout=m.layout, frame_bits=encoder.frame_bits,
+                       frame_parity=bool(getattr(encoder, "has_parity", False)),
+                       max_frames=spec.data.seq_len,
                        d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                        d_ff=m.d_ff or 4 * m.d_model, dropout=m.dropout,
                        local=m.local, local_layers=m.local_layers, local_dim=m.local_dim or m.d_model)

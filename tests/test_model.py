@@ -4,7 +4,7 @@ import torch
 from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.model import MASK, BitTransformerLM, ModelConfig
 
-CASES = [("flat", "tree"), ("framed", "tree"), ("framed", "node_mlp"), ("framed", "mlp")]
+CASES = [("flat", "tree"), ("framed", "joint"), ("framed", "tree"), ("framed", "node_mlp"), ("framed", "mlp")]
 
 
 def tiny(layout, local="tree", frames=6, seed=0):
@@ -78,3 +78,58 @@ def test_too_long_input_is_a_clear_error():
         tiny("framed")(torch.zeros(1, 9 * 7, dtype=torch.uint8))
     with pytest.raises(BitsError, match="whole number"):
         tiny("framed")(torch.zeros(1, 10, dtype=torch.uint8))
+
+
+def frame_values(bits):
+    """bits (..., F) MSB first -> integer values (...)."""
+    place = 2 ** torch.arange(bits.size(-1) - 1, -1, -1)
+    return (bits.long() * place).sum(-1)
+
+
+def parity9_frames(data_values):
+    bits = (data_values[..., None] >> torch.arange(7, -1, -1)) & 1
+    return torch.cat([bits, bits.sum(-1, keepdim=True) % 2], dim=-1)
+
+
+@pytest.mark.parametrize("parity", [False, True])
+def test_joint_bit_probabilities_are_the_chain_rule_of_one_frame_distribution(parity):
+    from bitlm_core.model import JointBitPredictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(frame_bits=9, d_model=16, local="joint", frame_parity=parity)
+    local = JointBitPredictor(cfg)
+    with torch.no_grad():
+        local.head.weight.normal_(std=2.0)
+    h = torch.randn(64, 16)
+    scores = torch.log_softmax(local.head(local.ln(h)), dim=-1)  # one per scored frame value
+    if parity:
+        data = torch.randint(0, 256, (64,))
+        bits, expected = parity9_frames(data), scores.gather(-1, data[:, None])[:, 0]
+    else:
+        value = torch.randint(0, 512, (64,))
+        bits = (value[:, None] >> torch.arange(8, -1, -1)) & 1
+        expected = scores.gather(-1, value[:, None])[:, 0]
+    logp = torch.log_softmax(local(h, bits), dim=-1).gather(-1, bits[..., None].long())[..., 0]
+    torch.testing.assert_close(logp.sum(-1), expected, atol=1e-4, rtol=1e-4)
+    if parity:  # the parity bit is certain once the data bits are known
+        assert logp[:, 8].abs().max() < 1e-6
+    # non-causal: each bit's marginal under the frame distribution
+    marginal = torch.softmax(local(h), dim=-1)[..., 1]
+    probs = scores.exp()
+    values = torch.arange(probs.size(-1))
+    all_bits = parity9_frames(values) if parity else (values[:, None] >> torch.arange(8, -1, -1)) & 1
+    torch.testing.assert_close(marginal, probs @ all_bits.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_joint_with_parity_samples_only_valid_frames():
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout="framed", local="joint", frame_parity=True, max_frames=8,
+                      d_model=32, n_layers=1, n_heads=4, d_ff=64)
+    model = BitTransformerLM(cfg, ReferenceAttention()).eval()
+    dec = model.decoder(torch.zeros(4, 0, dtype=torch.uint8))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6 * 9):
+        probs = torch.softmax(dec.logits(), dim=-1)
+        dec.push(torch.multinomial(probs, 1, generator=gen)[:, 0])
+    frames = dec.history.view(4, 6, 9).long()
+    assert (frames.sum(-1) % 2 == 0).all()
