@@ -27,7 +27,6 @@ import gzip
 import lzma
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,9 +43,9 @@ from bitlm_core.builtins.encoders import Parity9Encoder  # noqa: E402
 from bitlm_core.model import BitTransformerLM, Block, ModelConfig  # noqa: E402
 from bitlm_core.registry import get_registry  # noqa: E402
 from bitlm_core.run import generate  # noqa: E402
+from bitlm_core.textstats import vocabulary, word_share  # noqa: E402
 
 LN2 = math.log(2.0)
-WORD = re.compile(rb"[A-Za-z']+")
 
 
 # -- the byte-level reference model ------------------------------------------------------------
@@ -99,11 +98,6 @@ def compressor_figures(train: bytes, held: bytes) -> dict[str, float]:
             for name, c in codecs.items()}
 
 
-def word_share(text: bytes, vocab: set[bytes]) -> float:
-    words = WORD.findall(text)
-    return sum(w in vocab for w in words) / len(words) if words else 0.0
-
-
 # -- training ------------------------------------------------------------------------------------
 def lr_at(frac: float, lr: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     if frac < warmup:
@@ -119,7 +113,8 @@ def make_model(kind: str, args, backend):
                           n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d)
         return ByteLM(cfg, backend)
     seq = args.flat_seq if kind == "flat" else args.seq
-    cfg = ModelConfig(layout=kind, frame_bits=enc.frame_bits, max_frames=seq, d_model=args.d,
+    cfg = ModelConfig(layout=kind, frame_bits=enc.frame_bits, frame_parity=args.parity_support,
+                      max_frames=seq, d_model=args.d,
                       n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d,
                       local=args.local, local_dim=args.local_dim or args.d)
     return BitTransformerLM(cfg, backend)
@@ -150,9 +145,13 @@ def train_one(kind: str, args, train: np.ndarray, held: np.ndarray, vocab: set[b
     rng = np.random.default_rng(args.seed)
     budget = 60 * args.minutes
     start, steps, seen = time.perf_counter(), 0, 0
-    while (elapsed := time.perf_counter() - start) < budget:
+    while True:
+        elapsed = time.perf_counter() - start
+        frac = steps / args.steps if args.steps else elapsed / budget
+        if frac >= 1:
+            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(elapsed / budget, args.lr)
+            g["lr"] = lr_at(frac, args.lr)
         starts = rng.integers(0, len(train) - seq, args.batch)
         loss = window_loss(kind, model, np.stack([train[s:s + seq] for s in starts]))
         opt.zero_grad(set_to_none=True)
@@ -182,16 +181,21 @@ def train_one(kind: str, args, train: np.ndarray, held: np.ndarray, vocab: set[b
     return {"model": kind, "params": sum(p.numel() for p in model.parameters()),
             "steps": steps, "train_seconds": train_seconds, "bytes_seen": seen,
             "held_out_bpb": bpb, "eval_bytes": n_windows * seq,
-            "word_share": word_share(text, vocab), "sample": text.decode("utf-8", "replace")}
+            "word_share": word_share(text, vocab) or 0.0, "sample": text.decode("utf-8", "replace")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", help="text file (.gz ok); default: the quickstart corpus")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget per model")
+    p.add_argument("--steps", type=int, default=0,
+                   help="train each model this many steps instead of --minutes (a step-matched "
+                        "comparison; the schedule then runs on steps)")
     p.add_argument("--models", default="flat,framed,byte")
-    p.add_argument("--local", default="node_mlp", help="framed model's local predictor")
+    p.add_argument("--local", default="joint", help="framed model's local predictor")
     p.add_argument("--local-dim", type=int, default=256, help="its width (0: --d)")
+    p.add_argument("--parity-support", action=argparse.BooleanOptionalAction, default=True,
+                   help="framed, joint: score only parity-valid frames (as bitlm run does)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--held-out", type=float, default=0.05)
     p.add_argument("--seq", type=int, default=128, help="window in bytes (framed, byte)")
@@ -212,18 +216,20 @@ def main() -> None:
     data = load_corpus(args.corpus)
     n_held = int(len(data) * args.held_out)
     train_b, held_b = data[:-n_held], data[-n_held:]
-    vocab = set(WORD.findall(train_b))
+    vocab = vocabulary(train_b)
     train = np.frombuffer(train_b, dtype=np.uint8)
     held = np.frombuffer(held_b, dtype=np.uint8)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     log(f"corpus {args.corpus or 'quickstart'}: {len(train_b):,} training bytes, "
-        f"{len(held_b):,} held out; {args.minutes} min per model")
+        f"{len(held_b):,} held out; {args.steps or args.minutes} {'steps' if args.steps else 'min'} "
+        f"per model")
     results = [train_one(kind, args, train, held, vocab, log)
                for kind in args.models.split(",")]
     comp = compressor_figures(train_b, held_b)
 
     name = Path(args.corpus).name if args.corpus else "quickstart"
-    print(f"\n{name}: held-out bits per byte after {args.minutes:g} min of training each "
+    budget = f"{args.steps:,} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"\n{name}: held-out bits per byte after {budget} of training each "
           f"(1 thread; held-out = last {args.held_out:.0%}; models scored on its first "
           f"{min(r['eval_bytes'] for r in results):,}+ bytes, compressors on all of it)\n")
     print("| model | params | steps | bytes seen | held-out bpb | words in training text |")

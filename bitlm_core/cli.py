@@ -141,6 +141,9 @@ def run(
         for i, text in enumerate(summary["samples"]):
             out.print(f"--- sample {i} ---")
             out.print(text, markup=False)
+        if summary.get("sample_words_in_training_text") is not None:
+            out.print(f"sampled words found in the training text: "
+                      f"{summary['sample_words_in_training_text']:.0%}")
         out.print(f"run folder: {summary['run_dir']}")
 
 

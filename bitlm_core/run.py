@@ -26,6 +26,7 @@ import yaml
 from bitlm_core.components import Resolved, build, resolve_spec
 from bitlm_core.errors import CheckpointError, DataError, SafetyError, SpecError
 from bitlm_core.spec import RunSpec, validate_spec
+from bitlm_core.textstats import vocabulary, word_share
 
 SPEC_FILE = "spec.yaml"
 
@@ -116,9 +117,10 @@ def load_dataset(spec: RunSpec, comps: Components, run_dir: Path):
 
     corpus = build(comps.resolved["data.corpus"])
     data = corpus.read()
-    return prepare_dataset(data, comps.encoder, spec.data.seq_len, spec.data.val_fraction,
-                           run_dir / "data", source=f"corpus '{spec.data.corpus.name}'",
-                           require_utf8=spec.data.require_utf8)
+    dataset = prepare_dataset(data, comps.encoder, spec.data.seq_len, spec.data.val_fraction,
+                              run_dir / "data", source=f"corpus '{spec.data.corpus.name}'",
+                              require_utf8=spec.data.require_utf8)
+    return dataset, data[: len(data) - dataset.val.n_frames]
 
 
 def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
@@ -131,7 +133,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     comps = Components.build(spec)
     resume = prepare_run_dir(spec, run_dir, restart)
     set_threads(spec.train.threads)
-    dataset = load_dataset(spec, comps, run_dir)
+    dataset, train_text = load_dataset(spec, comps, run_dir)
     model = build_model(spec, comps)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
         f"parameters, attention {getattr(comps.attention, 'name', spec.attention.name)}  |  {dataset.train.n_frames:,} training bytes, {dataset.val.n_frames:,} "
@@ -166,6 +168,12 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
                           spec.sample.bytes, seed=spec.sample.seed + i, gate=comps.gate,
                           telemetry=comps.telemetry, strict=spec.safety.strict)
         samples.append(result)
+    vocab = vocabulary(train_text)
+    shares = [word_share(s.text.encode("utf-8"), vocab) for s in samples]
+    shares = [x for x in shares if x is not None]
+    words_known = sum(shares) / len(shares) if shares else None
+    if words_known is not None:
+        log(f"sampled words found in the training text: {words_known:.0%}")
     with open(run_dir / "samples.txt", "w", encoding="utf-8") as f:
         for i, s in enumerate(samples):
             f.write(f"--- sample {i} (seed {spec.sample.seed + i}"
@@ -176,6 +184,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
         "parameters": model.num_parameters(), "layout": spec.model.layout,
         "held_out_bits_per_byte": final["bits_per_byte"], "held_out_bytes": final["bytes"],
         "is_bound": final["bound"], "samples": [s.text for s in samples],
+        "sample_words_in_training_text": words_known,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

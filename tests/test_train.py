@@ -66,7 +66,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, tiny_spec):
     prepare_run_dir(spec, run_dir, restart=False)
     comps = Components.build(spec)
     model = build_model(spec, comps)
-    trainer = Trainer(spec, model, comps.objective, load_dataset(spec, comps, run_dir), run_dir,
+    dataset, _ = load_dataset(spec, comps, run_dir)
+    trainer = Trainer(spec, model, comps.objective, dataset, run_dir,
                       lambda s: {"model_config": model.cfg.to_dict(), "elapsed": s.elapsed,
                                  "metrics": {}}, log=lambda m: None)
     state = TrainState()
