@@ -8,6 +8,11 @@ installed. Causal self-attention, fp32, H heads of size D, batch shrinking with 
 "forward" is timed under ``torch.no_grad()`` (what evaluation and generation pay);
 "fwd+bwd" is a forward pass with autograd plus the backward pass of ``(out * g).sum()``.
 
+Two model-level tables follow: training steps per second of a flat model (one position per
+bit, 1,026-bit windows) with each backend, and generation of 1,024 bits with the key/value
+cache against a full forward pass per bit (the ``cache: false`` sampler), same seed, checking
+that both give the same bits. ``--no-models`` skips them.
+
 Usage::
 
     python benchmarks/attention.py            # 256 .. 4096 positions, 1 thread
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="also time chunked sdpa with this chunk size (0: off)")
     parser.add_argument("--overlap", type=int, default=0, help="overlap for --chunk-size")
+    parser.add_argument("--no-models", action="store_true",
+                        help="skip the training and generation tables")
+    parser.add_argument("--gen-bits", type=int, default=1024, help="bits generated per sample")
     args = parser.parse_args(argv)
 
     import torch
@@ -130,6 +138,67 @@ def main(argv: list[str] | None = None) -> None:
             _, chunk_fb = measure(backends["chunked"], q, k, v, grad, warmup, repeats)
             row.append(f"{chunk_fb * 1e3:.1f}")
         print("| " + " | ".join(row) + " |", flush=True)
+    if not args.no_models:
+        model_tables(backends, args.gen_bits, warmup, repeats)
+
+
+def flat_model(backend, frames: int = 114):
+    """A flat model of 0.8M parameters whose context is ``frames`` bytes (1,026 bits)."""
+    import torch
+
+    from bitlm_core.model import BitTransformerLM, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout="flat", max_frames=frames, d_model=128, n_layers=4, n_heads=4,
+                      d_ff=512)
+    return BitTransformerLM(cfg, backend)
+
+
+def model_tables(backends: dict, gen_bits: int, warmup: int, repeats: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from bitlm_core.builtins.encoders import Parity9Encoder
+    from bitlm_core.builtins.samplers import AutoregressiveSampler
+
+    print("\n# training a flat model: 1,026-bit windows, batch 8, AdamW step included")
+    print("| backend | ms/step | steps/s | x reference |")
+    print("|---|---:|---:|---:|")
+    bits = torch.randint(0, 2, (8, 114 * 9), dtype=torch.uint8)
+    base = None
+    for name in ("reference", "sdpa"):
+        model = flat_model(backends[name]).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = model(bits, causal=True)
+            F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1).long()).backward()
+            opt.step()
+
+        t = median_time(step, warmup, repeats)
+        base = base or t
+        print(f"| {name} | {t * 1e3:.0f} | {1 / t:.2f} | {base / t:.1f} |", flush=True)
+
+    print(f"\n# generating {gen_bits} bits from a 9-bit prompt (flat model, sdpa, 1 sample)")
+    print("| decoding | seconds | bits/s | x no cache | same bits |")
+    print("|---|---:|---:|---:|---|")
+    enc = Parity9Encoder()
+    model = flat_model(backends["sdpa"], frames=128).eval()  # room for prompt + output
+    prompt = enc.encode(b"T")
+    frames = -(-gen_bits // 9)
+    results = {}
+    for cache in (False, True):
+        sampler = AutoregressiveSampler(cache=cache)
+        start = time.perf_counter()
+        out = sampler.sample(model, prompt, frames, torch.Generator().manual_seed(0), enc)
+        results[cache] = (time.perf_counter() - start, out)
+    slow = results[False][0]
+    same = torch.equal(results[False][1], results[True][1])
+    for cache in (False, True):
+        t = results[cache][0]
+        print(f"| {'key/value cache' if cache else 'full forward per bit'} | {t:.2f} | "
+              f"{frames * 9 / t:,.0f} | {slow / t:.1f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

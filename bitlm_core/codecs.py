@@ -112,7 +112,7 @@ def to_tensor(arr: np.ndarray, is_bool: bool):
 class StreamCodec:
     """A codec object over module-level functions, with the options a spec can set.
 
-    Subclasses set ``name`` and the five functions as static methods (``encode(bits,
+    Subclasses set ``name``, ``magic`` (the bytes every stream starts with) and the five functions as static methods (``encode(bits,
     checksum)``, ``decode(data, max_bits)``, ``encode_batch(seqs, checksum)``,
     ``decode_batch(data, max_bits)``, ``measure(bits, checksum)``).
 
@@ -127,6 +127,7 @@ class StreamCodec:
     """
 
     name: ClassVar[str]
+    magic: ClassVar[bytes]  # first bytes of every stream; `bitlm codec decompress` reads them
     encode: ClassVar[Callable[..., bytes]]
     decode: ClassVar[Callable[..., Any]]
     encode_batch: ClassVar[Callable[..., bytes]]

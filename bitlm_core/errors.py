@@ -47,4 +47,6 @@ class CheckpointError(BitlmError):
 
 
 class SafetyError(BitlmError):
-    """A strict safety gate blocked an output."""
+    """A strict safety gate blocked an output (exit status 3: the input was fine)."""
+
+    exit_code = 3

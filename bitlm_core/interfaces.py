@@ -48,6 +48,7 @@ class AttentionBackend(Protocol):
 @runtime_checkable
 class Compressor(Protocol):
     name: str
+    magic: bytes  # the bytes every stream starts with: how `bitlm codec decompress` finds the codec
 
     def compress(self, bits: "torch.Tensor") -> bytes: ...
 

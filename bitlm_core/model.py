@@ -410,9 +410,19 @@ class BitTransformerLM(nn.Module):
         return (logits, maps) if return_attention else logits
 
     # -- incremental decoding -------------------------------------------------------------
-    def decoder(self, prompt) -> "IncrementalDecoder":
-        """A key/value-cached decoder primed with ``prompt`` (B, P) bits of whole frames."""
-        return IncrementalDecoder(self, prompt)
+    def decoder(self, prompt, cache: bool = True):
+        """A decoder primed with ``prompt`` (B, P) bits of whole frames: key/value-cached, or
+        (``cache=False``) one full forward pass per bit, the slow reference."""
+        return IncrementalDecoder(self, prompt) if cache else FullForwardDecoder(self, prompt)
+
+
+def _prompt_bits(model: BitTransformerLM, prompt):
+    """A decoder's starting history: (B, P) uint8 bits of whole frames, or a BitsError."""
+    history = prompt.to(torch.uint8)
+    if history.size(1) % model.frame_bits:
+        raise BitsError(f"prompt has {history.size(1)} bits, not a whole number of "
+                        f"{model.frame_bits}-bit frames")
+    return history
 
 
 class IncrementalDecoder:
@@ -424,12 +434,7 @@ class IncrementalDecoder:
     """
 
     def __init__(self, model: BitTransformerLM, prompt):
-        self.model = model
-        self.Fb = model.frame_bits
-        self.history = prompt.to(torch.uint8)
-        if self.history.size(1) % self.Fb:
-            raise BitsError(f"prompt has {self.history.size(1)} bits, not a whole number of "
-                            f"{self.Fb}-bit frames")
+        self.model, self.Fb, self.history = model, model.frame_bits, _prompt_bits(model, prompt)
         self._prime(self.history)
 
     @property
@@ -513,3 +518,30 @@ class IncrementalDecoder:
         phase = torch.full_like(bit, self.pos % self.Fb).long()
         x = (m.tok(bit.long()) + m.phase(phase)).unsqueeze(1)
         self.last = m.head(self._step_flat(x)[:, -1])
+
+
+class FullForwardDecoder:
+    """The decoder interface without a cache: every ``logits()`` is a full forward pass.
+
+    It is what cached decoding is checked and measured against. Within the context it gives the
+    cached decoder's logits (up to float rounding); past the context it keeps the last
+    ``max_frames - 1`` whole frames.
+    """
+
+    def __init__(self, model: BitTransformerLM, prompt):
+        self.model, self.Fb, self.history = model, model.frame_bits, _prompt_bits(model, prompt)
+
+    @torch.no_grad()
+    def logits(self):
+        Fb, L = self.Fb, self.history.size(1)
+        done = L - L % Fb  # bits of whole frames
+        keep = (self.model.cfg.max_frames - 1) * Fb
+        start = max(0, done - keep)
+        # pad the unfinished frame to a whole one: outputs at index L only see bits < L
+        pad = torch.zeros(self.history.size(0), Fb - L % Fb, dtype=torch.uint8,
+                          device=self.history.device)
+        window = torch.cat([self.history[:, start:], pad], dim=1)
+        return self.model(window, causal=True)[:, L - start]
+
+    def push(self, bit):
+        self.history = torch.cat([self.history, bit.to(torch.uint8).view(-1, 1)], dim=1)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import yaml
 
 from bitlm_core.components import Resolved, build, resolve_spec
-from bitlm_core.errors import CheckpointError, DataError, SafetyError, SpecError
+from bitlm_core.errors import (BitsError, CheckpointError, CodecError, DataError, SafetyError,
+                               SpecError)
 from bitlm_core.spec import RunSpec, validate_spec
 from bitlm_core.textstats import vocabulary, word_share
 
@@ -145,6 +146,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
 
     trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
                       compressor=comps.compressor if spec.compression.prob > 0 else None,
+                      encoder=comps.encoder,
                       telemetry=comps.telemetry, progress=progress, log=log)
     state = TrainState()
     if resume:
@@ -174,11 +176,15 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     words_known = sum(shares) / len(shares) if shares else None
     if words_known is not None:
         log(f"sampled words found in the training text: {words_known:.0%}")
+    decompressed = ([decompress_sample(s, comps) for s in samples]
+                    if spec.compression.decompress_output else [None] * len(samples))
     with open(run_dir / "samples.txt", "w", encoding="utf-8") as f:
-        for i, s in enumerate(samples):
+        for i, (s, d) in enumerate(zip(samples, decompressed)):
             f.write(f"--- sample {i} (seed {spec.sample.seed + i}"
                     f"{', blocked: ' + '; '.join(s.decision.reasons) if not s.decision else ''})"
                     f" ---\n{s.text}\n")
+            if d is not None:
+                f.write(f"--- sample {i} read as a {spec.compression.name} stream ---\n{d}\n")
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "train_seconds": round(state.elapsed, 2),
         "parameters": model.num_parameters(), "layout": spec.model.layout,
@@ -222,30 +228,43 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     return LoadedRun(run_dir, spec, comps, model, state["step"])
 
 
-def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 32
-                   ) -> dict[str, Any]:
-    """Bits per byte of ``run``'s model on any text, over non-overlapping windows.
+def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 16,
+                   stride: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Bits per byte of ``run``'s model on any text, however long.
 
-    The text is cut into windows of the model's context (``data.seq_len`` bytes); a last partial
-    window is scored too, so every byte counts.
+    A causal model scores the text with a sliding window of its context (``data.seq_len``
+    bytes) moved by ``stride`` bytes (default half the context): every byte is scored once,
+    with at least ``context - stride`` bytes before it, so the figure does not depend on where
+    windows happen to start. A bound (diffusion) objective scores non-overlapping windows.
     """
     import torch
 
     from bitlm_core.dataset import check_text
+    from bitlm_core.longcontext import score_sliding
     from bitlm_core.train import score_batches
 
     check_text(data, source, run.spec.data.require_utf8)
-    enc = run.comps.encoder
+    enc, objective = run.comps.encoder, run.comps.objective
     Fb, W = enc.frame_bits, run.spec.data.seq_len
     bits = torch.from_numpy(enc.encode_np(data))
+    is_bound = bool(getattr(objective, "is_bound", False))
+    if getattr(objective, "causal", True) and not is_bound:
+        stride = max(1, W // 2) if stride is None else stride
+        if not 1 <= stride <= W:
+            raise DataError(f"--stride must be between 1 and the model's context ({W} bytes), "
+                            f"got {stride}")
+        bpb, n_bytes = score_sliding(run.model, bits, Fb, W, stride, batch_size, progress)
+        return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": False,
+                "window": W, "stride": stride}
     full = (len(data) // W) * W
     rows = bits[: full * Fb].view(-1, W * Fb)
     batches = list(rows.split(batch_size))
     if full < len(data):
         batches.append(bits[full * Fb:].view(1, -1))  # the last, shorter window
-    bpb, n_bytes = score_batches(run.model, run.comps.objective, batches, Fb)
-    return {"bits_per_byte": bpb, "bytes": n_bytes,
-            "is_bound": bool(getattr(run.comps.objective, "is_bound", False))}
+    bpb, n_bytes = score_batches(run.model, objective, batches, Fb)
+    return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": is_bound,
+            "window": W, "stride": W}
 
 
 @dataclass
@@ -264,6 +283,7 @@ def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, 
     import torch
 
     from bitlm_core.builtins.safety import NoGate
+    from bitlm_core.safety import sample_metrics
 
     enc = encoder
     prompt_bits = enc.encode(prompt.encode("utf-8"))
@@ -276,18 +296,26 @@ def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, 
     new = frames[len(prompt_bits) // enc.frame_bits:]
     text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
         "utf-8", errors="replace")
-    metrics: dict[str, float] = {}
-    if telemetry and len(new):
-        row = torch.from_numpy(np.ascontiguousarray(new.reshape(1, -1)))
-        for name, metric in telemetry.items():
-            try:
-                metrics[name] = float(metric(row, None).float().mean())
-            except Exception:  # metrics that need model probabilities are skipped here
-                continue
+    full = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1)))
+    metrics = sample_metrics(model, enc, full, len(prompt_bits), telemetry or {})
     decision = (gate or NoGate()).check(metrics)
     if not decision and strict:
         raise SafetyError("safety gate blocked the sample: " + "; ".join(decision.reasons))
     return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start)
+
+
+def decompress_sample(result: SampleResult, comps: Components) -> str:
+    """``compression.decompress_output``: the sample read as a codec stream, or why it is not."""
+    from bitlm_core.compression import model_output_decompress
+
+    try:
+        bits = model_output_decompress(result.bits, comps.compressor, comps.encoder)
+    except (CodecError, BitsError) as exc:
+        return f"(not a valid stream: {exc})"
+    try:
+        return comps.encoder.decode(bits).decode("utf-8", errors="replace")
+    except BitsError as exc:
+        return f"({bits.numel()} bits that are not {comps.encoder.name} text: {exc})"
 
 
 def read_text_file(path: Path) -> bytes:

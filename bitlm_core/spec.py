@@ -97,12 +97,26 @@ class TrainSection(Strict):
 
 class CompressionSection(Component):
     name: str = "identity"
-    prob: float = Field(0.0, ge=0, le=1, description="share of batches round-tripped")
+    prob: float = Field(0.0, ge=0, le=1, description="share of batches round-tripped, once "
+                                                     "warmed up and ramped")
+    warmup_steps: int = Field(0, ge=0, description="steps with no compressed batches")
+    ramp_steps: int = Field(0, ge=0, description="cosine ramp of the share from 0 to prob")
+    direct: bool = Field(False, description="also train on the compressed streams as bits "
+                                            "(its loss is logged as direct_loss)")
+    direct_weight: float = Field(0.5, ge=0, description="weight of the direct-mode loss")
+    decompress_output: bool = Field(False, description="read samples as streams of this codec "
+                                                       "and decompress them (direct-mode models)")
 
 
 class TelemetrySection(Strict):
     metrics: list[Component] = Field(default_factory=list)
     every: int = Field(100, ge=1)
+    drift_threshold: Optional[float] = Field(None, ge=0, description="alert when a metric's "
+                                             "recent mean moves by more than this fraction")
+    drift_window: int = Field(5, ge=1, description="telemetry values per mean in the drift "
+                                                   "check")
+    drift_stop: bool = Field(False, description="stop training (with a checkpoint) on a drift "
+                                                "alert")
 
 
 class SafetySection(Strict):

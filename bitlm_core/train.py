@@ -20,7 +20,9 @@ import torch
 from bitlm_core.checkpoint import save_checkpoint
 from bitlm_core.dataset import BitDataset
 from bitlm_core.errors import BitlmError
+from bitlm_core.compression import CompressionFeed, compression_prob
 from bitlm_core.model import BitTransformerLM, ModelConfig
+from bitlm_core.safety import detect_metric_drift
 from bitlm_core.spec import RunSpec, TrainSection
 
 
@@ -101,13 +103,16 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, model: BitTransformerLM, objective, dataset: BitDataset,
                  run_dir: Path, meta: Callable[[TrainState], dict[str, Any]],
-                 compressor=None, telemetry: dict[str, Any] | None = None,
+                 compressor=None, encoder=None, telemetry: dict[str, Any] | None = None,
                  progress=None, log: Callable[[str], None] = print):
         self.spec, self.t = spec, spec.train
         self.model, self.objective, self.dataset = model, objective, dataset
         self.run_dir = Path(run_dir)
         self.meta = meta
-        self.compressor = compressor
+        self.compression = (CompressionFeed(compressor, encoder, spec.compression.name)
+                            if compressor is not None else None)
+        self._window: dict[str, dict[str, float]] = {}
+        self._history: dict[str, list[float]] = {}
         self.telemetry = telemetry or {}
         self.progress = progress
         self.log = log
@@ -124,25 +129,17 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def batch(self, step: int, micro: int):
+        """The micro-batch's windows, and its round trip through the codec when drawn for it."""
         rng = np.random.default_rng([self.t.seed, step, micro])
         bits = self.dataset.train_batch(rng, self.t.batch_size)
-        compressed = False
-        if self.compressor is not None and rng.random() < self.spec.compression.prob:
-            bits = self.round_trip(bits)
-            compressed = True
-        return bits, compressed
-
-    def round_trip(self, bits):
-        """Send each row through the compressor and back, checking it comes back exactly."""
-        rows = []
-        for row in bits:
-            restored = self.compressor.decompress(self.compressor.compress(row),
-                                                  max_bits=row.numel())
-            if not torch.equal(restored.to(torch.uint8), row):
-                raise BitlmError(f"compressor '{self.spec.compression.name}' did not round-trip "
-                                 "a training window exactly; the codec is broken")
-            rows.append(restored.to(torch.uint8))
-        return torch.stack(rows)
+        c = self.spec.compression
+        if self.compression is None:
+            return bits, None
+        p = compression_prob(step, c.prob, c.warmup_steps, c.ramp_steps)
+        if rng.random() >= p:
+            return bits, None
+        trip = self.compression.round_trip(bits)
+        return trip.bits, trip
 
     def step(self, state: TrainState) -> dict[str, float]:
         lr = lr_at(state.step, self.t)
@@ -150,14 +147,29 @@ class Trainer:
             group["lr"] = lr
         torch.manual_seed(self.t.seed * 1_000_003 + state.step)
         self.optimizer.zero_grad(set_to_none=True)
+        n = self.t.grad_accum
+        c = self.spec.compression
         loss_sum, bpb_sum, n_compressed = 0.0, 0.0, 0
-        for micro in range(self.t.grad_accum):
-            bits, compressed = self.batch(state.step, micro)
+        record: dict[str, float] = {}
+        for micro in range(n):
+            bits, trip = self.batch(state.step, micro)
             out = self.objective(self.model, bits)
-            (out.loss / self.t.grad_accum).backward()
+            loss = out.loss
+            kind = "raw" if trip is None else "compressed"
+            split = {"loss": float(out.loss.detach()), "bits_per_byte": out.bits_per_byte,
+                     **{k: v for k, v in out.extras.items() if k == "accuracy"}}
+            if trip is not None:
+                n_compressed += 1
+                split["ratio"] = trip.ratio
+                if c.direct:
+                    direct = self.objective(self.model, self.compression.direct_batch(bits))
+                    loss = loss + c.direct_weight * direct.loss
+                    self._accumulate("direct", {"loss": float(direct.loss.detach()),
+                                                "bits_per_byte": direct.bits_per_byte})
+            self._accumulate(kind, split)
+            (loss / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
-            n_compressed += int(compressed)
         if not math.isfinite(loss_sum):
             raise BitlmError(f"loss became {loss_sum} at step {state.step}; lower train.lr or "
                              "enable train.grad_clip")
@@ -166,9 +178,29 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                              self.t.grad_clip))
         self.optimizer.step()
-        n = self.t.grad_accum
-        return {"loss": loss_sum / n, "bits_per_byte": bpb_sum / n, "lr": lr,
-                "grad_norm": grad_norm, "compressed_batches": n_compressed}
+        record.update(loss=loss_sum / n, bits_per_byte=bpb_sum / n, lr=lr, grad_norm=grad_norm,
+                      compressed_batches=n_compressed)
+        return record
+
+    def _accumulate(self, kind: str, values: dict[str, float]) -> None:
+        """Sums of raw, compressed and direct-mode figures until the next log line."""
+        acc = self._window.setdefault(kind, {"batches": 0})
+        acc["batches"] += 1
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    def _drain_window(self) -> dict[str, float]:
+        """Means since the last log line, as ``raw/loss``, ``compressed/ratio``, ``direct_loss``..."""
+        flat: dict[str, float] = {}
+        for kind, acc in self._window.items():
+            n = acc.pop("batches")
+            for k, v in acc.items():
+                key = f"direct_{k}" if kind == "direct" else f"{kind}/{k}"
+                flat[key] = v / n
+            if kind != "direct":
+                flat[f"{kind}/batches"] = n
+        self._window = {}
+        return flat
 
     # -- telemetry -------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,6 +214,24 @@ class Trainer:
         self.model.train(was_training)
         return {f"telemetry/{name}": float(metric(batch, probs).float().mean())
                 for name, metric in self.telemetry.items()}
+
+    def check_drift(self, tel: dict[str, float], step: int):
+        """Record telemetry values; log (and return) the first drift alert, if any."""
+        tcfg = self.spec.telemetry
+        alert = None
+        for key, value in tel.items():
+            history = self._history.setdefault(key, [])
+            history.append(value)
+            if tcfg.drift_threshold is None:
+                continue
+            drift = detect_metric_drift(history, tcfg.drift_window, tcfg.drift_threshold, key)
+            if drift is not None and drift.alert:
+                self.write_metrics({"split": "alert", "step": step, "metric": key,
+                                    "previous": drift.previous, "recent": drift.recent,
+                                    "change": drift.change})
+                self.log(f"drift alert at step {step}: {drift}")
+                alert = alert or drift
+        return alert
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
@@ -202,7 +252,7 @@ class Trainer:
                 state.elapsed = base_elapsed + time.perf_counter() - started
                 record.update(step=state.step, time=round(state.elapsed, 3))
                 if state.step % t.log_every == 0 or state.step == t.steps:
-                    self.write_metrics({"split": "train", **record})
+                    self.write_metrics({"split": "train", **record, **self._drain_window()})
                 if state.step % t.eval_every == 0 or state.step == t.steps:
                     ev = evaluate(self.model, self.objective, self.dataset, t.batch_size,
                                   t.eval_batches)
@@ -213,6 +263,9 @@ class Trainer:
                     self.write_metrics({"split": "val", "step": state.step,
                                         "bits_per_byte": last_bpb, "bytes": ev["bytes"], **tel})
                     state.metrics.update(val_bits_per_byte=last_bpb, **tel)
+                    drift = self.check_drift(tel, state.step)
+                    if drift and self.spec.telemetry.drift_stop:
+                        stop_reason = f"telemetry drift ({drift}); telemetry.drift_stop is on"
                     self.log(f"step {state.step:>6}  train loss {record['loss']:.4f}  "
                              f"held-out {last_bpb:.3f} bits/byte")
                 if task is not None:
@@ -223,6 +276,7 @@ class Trainer:
                     self.checkpoint(state)
                 if t.max_minutes is not None and state.elapsed > 60 * t.max_minutes:
                     stop_reason = f"train.max_minutes={t.max_minutes} reached"
+                if stop_reason:
                     break
         except KeyboardInterrupt:
             self.checkpoint(state)

@@ -22,6 +22,7 @@ DEFAULT_MAX_BITS = 1 << 30
 
 class IdentityCompressor:
     name = "identity"
+    magic = MAGIC
 
     def compress(self, bits) -> bytes:
         import torch

@@ -24,4 +24,6 @@ class CausalObjective:
 
         logits = model(bits, causal=True)  # (B, L, 2)
         loss = F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1).long())
-        return ObjectiveOutput(loss=loss, bits_per_byte=float(loss.detach()) * model.frame_bits / LN2)
+        accuracy = float((logits.detach().argmax(-1) == bits).float().mean())
+        return ObjectiveOutput(loss=loss, bits_per_byte=float(loss.detach()) * model.frame_bits / LN2,
+                               extras={"accuracy": accuracy})

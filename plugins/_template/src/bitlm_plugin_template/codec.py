@@ -34,6 +34,7 @@ class InvertCodec:
     """Stores bits inverted. ``max_bits`` (an option a run spec can set) caps decoding."""
 
     name = "invert"
+    magic = MAGIC  # lets `bitlm codec decompress` recognise the stream
 
     def __init__(self, max_bits: int = DEFAULT_MAX_BITS):
         # Reject bad options with ValueError/TypeError: the registry reports them with the

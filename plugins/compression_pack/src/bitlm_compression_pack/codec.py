@@ -185,6 +185,7 @@ class PackCodec(StreamCodec):
     """
 
     name = "pack"
+    magic = MAGIC
     encode = staticmethod(compress)
     decode = staticmethod(decompress)
     encode_batch = staticmethod(compress_batch)

@@ -306,6 +306,7 @@ class RunLengthCodec(StreamCodec):
     """
 
     name = "rle"
+    magic = MAGIC
     encode = staticmethod(compress)
     decode = staticmethod(decompress)
     encode_batch = staticmethod(compress_batch)

@@ -1,0 +1,100 @@
+"""Long texts: the sliding-window plan, sliding scores and positional growth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitlm_core.builtins.attention import ReferenceAttention
+from bitlm_core.builtins.encoders import Parity9Encoder
+from bitlm_core.errors import BitlmError, BitsError
+from bitlm_core.longcontext import expand_positional_encoding, score_sliding, window_plan
+from bitlm_core.model import BitTransformerLM, ModelConfig
+
+ENC = Parity9Encoder()
+TEXT = (b"It is a truth universally acknowledged, that a single man in possession of a good "
+        b"fortune, must be in want of a wife. ") * 3
+
+
+def model(layout: str = "framed", max_frames: int = 16) -> BitTransformerLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout=layout, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                      max_frames=max_frames, frame_parity=layout == "framed")
+    return BitTransformerLM(cfg, ReferenceAttention()).eval()
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 300), window=st.integers(1, 40), data=st.data())
+def test_every_frame_is_scored_once_with_enough_context(n, window, data):
+    stride = data.draw(st.integers(1, window))
+    plan = window_plan(n, window, stride)
+    scored = []
+    for k, (begin, first) in enumerate(plan):
+        end = min(begin + window, n)
+        assert 0 <= begin <= first <= end
+        if k > 0:
+            assert first - begin >= window - stride  # context before the first scored frame
+        scored.extend(range(first, end))
+    assert scored == list(range(n))
+
+
+def test_bad_plans_are_refused():
+    for window, stride in [(0, 1), (8, 0), (8, 9)]:
+        with pytest.raises(BitlmError, match="stride"):
+            window_plan(100, window, stride)
+
+
+@torch.no_grad()
+def nats(m, bits) -> float:
+    logits = m(bits.view(1, -1), causal=True).float()
+    return float(F.cross_entropy(logits.view(-1, 2), bits.long(), reduction="sum"))
+
+
+@pytest.mark.parametrize("layout", ["framed", "flat"])
+def test_stride_equal_to_window_is_non_overlapping_windows(layout):
+    m = model(layout)
+    bits = ENC.encode(TEXT[:64])  # 4 windows of 16 frames
+    bpb, n = score_sliding(m, bits, 9, window=16, stride=16, batch_size=3)
+    expected = sum(nats(m, bits[i * 144:(i + 1) * 144]) for i in range(4))
+    assert n == 64
+    assert bpb == pytest.approx(expected / math.log(2) / 64, rel=1e-5)
+
+
+@torch.no_grad()
+def test_sliding_scores_each_byte_in_the_window_that_gives_it_context():
+    m = model()
+    bits = ENC.encode(TEXT[:40])
+    bpb, n = score_sliding(m, bits, 9, window=16, stride=8)
+    expected = 0.0
+    for begin, first in window_plan(40, 16, 8):
+        logits = m(bits[begin * 9:(begin + 16) * 9].view(1, -1)).float().view(16, 9, 2)
+        target = bits[begin * 9:(begin + 16) * 9].view(16, 9).long()
+        per_frame = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1),
+                                    reduction="none").view(16, 9).sum(-1)
+        expected += float(per_frame[first - begin:].sum())
+    assert n == 40 and bpb == pytest.approx(expected / math.log(2) / 40, rel=1e-5)
+    short, n_short = score_sliding(m, ENC.encode(TEXT[:5]), 9, window=16, stride=8)
+    assert n_short == 5
+    assert short == pytest.approx(nats(m, ENC.encode(TEXT[:5])) / math.log(2) / 5, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["framed", "flat"])
+def test_expanding_positions_keeps_existing_outputs(layout):
+    m = model(layout, max_frames=8)
+    bits = ENC.encode(TEXT[:8]).view(1, -1)
+    with torch.no_grad():
+        before = m(bits)
+        with pytest.raises(BitsError, match="sliding window"):
+            m(ENC.encode(TEXT[:12]).view(1, -1))
+        expand_positional_encoding(m, 12)
+        assert m.cfg.max_frames == 12
+        assert torch.equal(m(bits), before)
+        longer = m(ENC.encode(TEXT[:12]).view(1, -1))
+        assert torch.equal(longer[:, : bits.size(1)], before)  # causal: later bytes unseen
+    with pytest.raises(BitlmError, match="only grows"):
+        expand_positional_encoding(m, 4)
