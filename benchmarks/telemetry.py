@@ -20,6 +20,11 @@ seconds; otherwise the cell says ``skipped (est. N s)``. Speed-up = baseline tim
 
 Table 2: the cost of one call of each metric on a training-sized batch, to judge the overhead
 of telemetry (compare with the step time of your model; times are per call).
+
+Table 3: the overhead of telemetry in training: the quickstart model's training step time
+(median of ``--steps`` steps) against one telemetry evaluation with all three metrics (a
+held-out batch through the model, then the metrics), and the share of training time that is at
+the default interval (``telemetry.every`` = 100 steps) and at every 10 steps.
 """
 
 from __future__ import annotations
@@ -143,18 +148,63 @@ def metric_table(repeats: int) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def overhead_table(steps: int, repeats: int) -> None:
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from bitlm_core.run import Components, build_model, load_dataset
+    from bitlm_core.spec import load_spec
+    from bitlm_core.train import Trainer, TrainState
+
+    torch.set_num_threads(1)
+    spec = load_spec(None, ["train.threads=1", "telemetry.metrics=[{name: negentropy, options: "
+                            "{source: probs}}, {name: lz_complexity}, {name: symbiosis}]"])
+    comps = Components.build(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, _ = load_dataset(spec, comps, Path(tmp))
+        model = build_model(spec, comps)
+        trainer = Trainer(spec, model, comps.objective, dataset, Path(tmp), lambda s: {},
+                          telemetry=comps.telemetry, log=lambda m: None)
+        state, step_times = TrainState(), []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer.step(state)
+            step_times.append(time.perf_counter() - t0)
+            state.step += 1
+        tel_times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            values = trainer.telemetry_values()
+            tel_times.append(time.perf_counter() - t0)
+    step = statistics.median(step_times[2:])
+    tel = min(tel_times[1:])
+    print(f"quickstart model, batch {spec.train.batch_size} x {spec.data.seq_len} bytes, one "
+          f"thread; metrics: {', '.join(sorted(values))}\n")
+    print("| training step | one telemetry evaluation | overhead every 100 steps (default) | "
+          "every 10 steps |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {step * 1e3:.0f} ms | {tel * 1e3:.1f} ms | {tel / (100 * step):.2%} | "
+          f"{tel / (10 * step):.2%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds a baseline may take at one size (estimated), else skipped")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--steps", type=int, default=12, help="training steps timed (table 3)")
     args = parser.parse_args()
     print(f"# LZ76 throughput ({platform.python_version()}, {platform.machine()}; "
           f"best of {args.repeats}, one thread)\n")
     lz_table(args.sizes, args.budget, args.repeats)
     print("\n# One call of each metric (parity9 English text rows, random probs)\n")
     metric_table(args.repeats)
+    print("\n# Telemetry overhead in training\n")
+    overhead_table(args.steps, args.repeats)
 
 
 if __name__ == "__main__":
