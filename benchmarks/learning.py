@@ -17,6 +17,7 @@ every model finishes its schedule whatever its speed. One torch thread per model
 
     python benchmarks/learning.py --corpus ../shared/corpora/shakespeare.txt.gz --minutes 10
     python benchmarks/learning.py --minutes 1 --models framed,byte      # a quick look
+    python benchmarks/learning.py --models framed,byte --jobs 2         # both at once, 1 core each
 """
 
 from __future__ import annotations
@@ -131,8 +132,13 @@ def window_loss(kind: str, model, windows: np.ndarray) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1).long()) * 9 / LN2
 
 
+def log_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train_one(kind: str, args, train: np.ndarray, held: np.ndarray, vocab: set[bytes],
               log) -> dict:
+    torch.set_num_threads(args.threads)  # again: a --jobs worker is a fresh process
     torch.manual_seed(args.seed)
     backend = get_registry().build("attention", args.attention, {}, "attention")
     model = make_model(kind, args, backend)
@@ -210,6 +216,9 @@ def main() -> None:
     p.add_argument("--sample-bytes", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many models at once, each in its own process (use at most "
+                        "one per core, or the budgets are not comparable)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -219,12 +228,21 @@ def main() -> None:
     vocab = vocabulary(train_b)
     train = np.frombuffer(train_b, dtype=np.uint8)
     held = np.frombuffer(held_b, dtype=np.uint8)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log = log_line
     log(f"corpus {args.corpus or 'quickstart'}: {len(train_b):,} training bytes, "
         f"{len(held_b):,} held out; {args.steps or args.minutes} {'steps' if args.steps else 'min'} "
         f"per model")
-    results = [train_one(kind, args, train, held, vocab, log)
-               for kind in args.models.split(",")]
+    kinds = args.models.split(",")
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(kinds)), mp.get_context("spawn")) as pool:
+            futures = [pool.submit(train_one, kind, args, train, held, vocab, log)
+                       for kind in kinds]
+            results = [f.result() for f in futures]
+    else:
+        results = [train_one(kind, args, train, held, vocab, log) for kind in kinds]
     comp = compressor_figures(train_b, held_b)
 
     name = Path(args.corpus).name if args.corpus else "quickstart"

@@ -94,6 +94,7 @@ class ObjectiveOutput:
     bits_per_byte: float
     extras: dict[str, float] = field(default_factory=dict)
     is_bound: bool = False
+    probs: Optional["torch.Tensor"] = None  # (B, L) P(bit = 1), differentiable; for regularisers
 
 
 @runtime_checkable

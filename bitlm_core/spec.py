@@ -66,6 +66,9 @@ class ModelSection(Strict):
 
 class AttentionSection(Component):
     name: str = "reference"
+    full_attn_logging: bool = Field(False, description="at each evaluation, save every layer's "
+                                                       "attention maps of one held-out window "
+                                                       "to attention/step-N.safetensors")
 
 
 class ObjectiveSection(Component):
@@ -117,6 +120,19 @@ class TelemetrySection(Strict):
                                                    "check")
     drift_stop: bool = Field(False, description="stop training (with a checkpoint) on a drift "
                                                 "alert")
+    lambda_K: float = Field(0.0, ge=0, description="weight of (1 - negentropy of the predictions) "
+                                                   "added to the loss")
+    lambda_C: float = Field(0.0, ge=0, description="must stay 0: LZ complexity is not "
+                                                   "differentiable")
+    lambda_S: float = Field(0.0, ge=0, description="weight of (1 - symbiosis) added to the loss")
+
+    @model_validator(mode="after")
+    def _lz_is_not_differentiable(self):
+        if self.lambda_C:
+            raise ValueError("lambda_C must be 0: lz_complexity counts phrases of the bits and "
+                             "has no gradient, so it can be logged and gated but not used as a "
+                             "regulariser (lambda_K and lambda_S can)")
+        return self
 
 
 class SafetySection(Strict):

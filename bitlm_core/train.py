@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from bitlm_core.checkpoint import save_checkpoint
-from bitlm_core.dataset import BitDataset
-from bitlm_core.errors import BitlmError
 from bitlm_core.compression import CompressionFeed, compression_prob
+from bitlm_core.dataset import BitDataset
+from bitlm_core.errors import BitlmError, SpecError
 from bitlm_core.model import BitTransformerLM, ModelConfig
 from bitlm_core.safety import detect_metric_drift
 from bitlm_core.spec import RunSpec, TrainSection
@@ -114,6 +114,7 @@ class Trainer:
         self._window: dict[str, dict[str, float]] = {}
         self._history: dict[str, list[float]] = {}
         self.telemetry = telemetry or {}
+        self.regularisers = self._regularisers()
         self.progress = progress
         self.log = log
         self.optimizer = make_optimizer(model, self.t)
@@ -155,6 +156,13 @@ class Trainer:
             bits, trip = self.batch(state.step, micro)
             out = self.objective(self.model, bits)
             loss = out.loss
+            if self.regularisers and out.probs is not None:
+                # certain predictions (a parity bit) have an infinite entropy gradient: clamp
+                probs = out.probs.clamp(1e-6, 1.0 - 1e-6)
+                for key, (weight, metric) in self.regularisers.items():
+                    value = metric(bits, probs).mean()
+                    loss = loss + weight * (1.0 - value)
+                    self._accumulate("reg", {key: float(value.detach())})
             kind = "raw" if trip is None else "compressed"
             split = {"loss": float(out.loss.detach()), "bits_per_byte": out.bits_per_byte,
                      **{k: v for k, v in out.extras.items() if k == "accuracy"}}
@@ -197,23 +205,67 @@ class Trainer:
             for k, v in acc.items():
                 key = f"direct_{k}" if kind == "direct" else f"{kind}/{k}"
                 flat[key] = v / n
-            if kind != "direct":
+            if kind not in ("direct", "reg"):
                 flat[f"{kind}/batches"] = n
         self._window = {}
         return flat
 
-    # -- telemetry -------------------------------------------------------------------------
     @torch.no_grad()
-    def telemetry_values(self) -> dict[str, float]:
-        if not self.telemetry:
-            return {}
-        batch = next(self.dataset.val_batches(self.t.batch_size, 1))
+    def save_attention_maps(self, step: int) -> Path:
+        """``attention.full_attn_logging``: every layer's (heads, T, T) map of the first
+        held-out window, as ``attention/step-N.safetensors`` (keys ``layer0``, ``layer1``...)."""
+        from safetensors.torch import save_file
+
+        window = next(self.dataset.val_batches(1, 1))
         was_training = self.model.training
         self.model.eval()
-        probs = torch.softmax(self.model(batch, causal=True).float(), dim=-1)[..., 1]
+        _, maps = self.model(window, causal=True, return_attention=True)
         self.model.train(was_training)
-        return {f"telemetry/{name}": float(metric(batch, probs).float().mean())
+        folder = self.run_dir / "attention"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({f"layer{i}": m[0].float().contiguous() for i, m in enumerate(maps)},
+                  str(tmp))
+        tmp.replace(path)
+        return path
+
+    # -- telemetry -------------------------------------------------------------------------
+    def _regularisers(self) -> dict[str, tuple[float, Any]]:
+        """lambda_K and lambda_S: the differentiable metrics they weigh, or a SpecError."""
+        tcfg, found = self.spec.telemetry, {}
+        for key, weight, name, needs in (("K", tcfg.lambda_K, "negentropy", "source: probs"),
+                                         ("S", tcfg.lambda_S, "symbiosis", "")):
+            if not weight:
+                continue
+            metric = self.telemetry.get(name)
+            if metric is None or getattr(metric, "source", "probs") != "probs":
+                option = f" with options {{{needs}}}" if needs else ""
+                raise SpecError(f"telemetry.lambda_{key} regularises with the '{name}' metric "
+                                f"of the model's predictions: add {{name: {name}}}{option} to "
+                                f"telemetry.metrics, or set lambda_{key}: 0")
+            found[key] = (weight, metric)
+        return found
+
+    @torch.no_grad()
+    def telemetry_values(self, bits=None, split: str = "val") -> dict[str, float]:
+        """Every telemetry metric on ``bits`` (default: a held-out batch), with the model's
+        probabilities, as ``{"telemetry/<split>/<metric>": value}`` averaged over rows."""
+        if not self.telemetry:
+            return {}
+        if bits is None:
+            bits = next(self.dataset.val_batches(self.t.batch_size, 1))
+        was_training = self.model.training
+        self.model.eval()
+        probs = torch.softmax(self.model(bits, causal=True).float(), dim=-1)[..., 1]
+        self.model.train(was_training)
+        return {f"telemetry/{split}/{name}": float(metric(bits, probs).float().mean())
                 for name, metric in self.telemetry.items()}
+
+    def telemetry_record(self, step: int) -> dict[str, float]:
+        """Telemetry on this step's training batch and on a held-out batch."""
+        train_bits, _ = self.batch(step - 1, 0)
+        return {**self.telemetry_values(train_bits, "train"), **self.telemetry_values()}
 
     def check_drift(self, tel: dict[str, float], step: int):
         """Record telemetry values; log (and return) the first drift alert, if any."""
@@ -244,6 +296,7 @@ class Trainer:
         started = time.perf_counter()
         base_elapsed = state.elapsed
         last_bpb = float("nan")
+        tel_info = ""
         stop_reason = None
         try:
             while state.step < t.steps:
@@ -257,21 +310,29 @@ class Trainer:
                     ev = evaluate(self.model, self.objective, self.dataset, t.batch_size,
                                   t.eval_batches)
                     last_bpb = ev["bits_per_byte"]
-                    tel = (self.telemetry_values()
-                           if state.step % self.spec.telemetry.every == 0
-                           or state.step == t.steps else {})
                     self.write_metrics({"split": "val", "step": state.step,
-                                        "bits_per_byte": last_bpb, "bytes": ev["bytes"], **tel})
-                    state.metrics.update(val_bits_per_byte=last_bpb, **tel)
-                    drift = self.check_drift(tel, state.step)
-                    if drift and self.spec.telemetry.drift_stop:
-                        stop_reason = f"telemetry drift ({drift}); telemetry.drift_stop is on"
+                                        "bits_per_byte": last_bpb, "bytes": ev["bytes"]})
+                    state.metrics.update(val_bits_per_byte=last_bpb)
+                    if self.spec.attention.full_attn_logging:
+                        self.save_attention_maps(state.step)
                     self.log(f"step {state.step:>6}  train loss {record['loss']:.4f}  "
                              f"held-out {last_bpb:.3f} bits/byte")
+                if self.telemetry and (state.step % self.spec.telemetry.every == 0
+                                       or state.step == t.steps):
+                    tel = self.telemetry_record(state.step)
+                    self.write_metrics({"split": "telemetry", "step": state.step, **tel})
+                    state.metrics.update(tel)
+                    val_tel = {k: v for k, v in tel.items() if k.startswith("telemetry/val/")}
+                    tel_info = "  ".join(f"{k.rsplit('/', 1)[1][:3]} {v:.2f}"
+                                         for k, v in val_tel.items())
+                    drift = self.check_drift(val_tel, state.step)
+                    if drift and self.spec.telemetry.drift_stop:
+                        stop_reason = f"telemetry drift ({drift}); telemetry.drift_stop is on"
                 if task is not None:
                     self.progress.update(task, completed=state.step, info=(
                         f"loss {record['loss']:.4f}  bpb {record['bits_per_byte']:.3f}  "
-                        f"val {last_bpb:.3f}  lr {record['lr']:.2e}"))
+                        f"val {last_bpb:.3f}  lr {record['lr']:.2e}"
+                        + (f"  {tel_info}" if tel_info else "")))
                 if state.step % t.checkpoint_every == 0 and state.step < t.steps:
                     self.checkpoint(state)
                 if t.max_minutes is not None and state.elapsed > 60 * t.max_minutes:

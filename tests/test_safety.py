@@ -136,6 +136,36 @@ def test_training_logs_a_drift_alert_and_can_stop(tmp_path, tiny_spec):
     summary = execute(spec, tmp_path / "r", log=logs.append)
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
     alerts = [r for r in records if r["split"] == "alert"]
-    assert alerts and alerts[0]["metric"] == "telemetry/negentropy" and alerts[0]["step"] == 6
+    assert alerts and alerts[0]["metric"] == "telemetry/val/negentropy" and alerts[0]["step"] == 6
     assert summary["steps"] == 6  # stopped at the first alert, with a checkpoint
     assert any(m.startswith("stopped early at step 6: telemetry drift") for m in logs)
+
+
+def test_telemetry_on_train_and_val_batches_with_regularisers(tmp_path, tiny_spec):
+    import json
+
+    from bitlm_core.errors import SpecError
+    from bitlm_core.run import execute
+    from bitlm_core.spec import load_spec
+
+    metrics = [{"name": "negentropy", "options": {"source": "probs"}}, {"name": "lz_complexity"},
+               {"name": "symbiosis"}]
+    spec = load_spec(tiny_spec(steps=6, telemetry={"metrics": metrics, "every": 2,
+                                                   "lambda_K": 0.1, "lambda_S": 0.2}))
+    execute(spec, tmp_path / "r", log=lambda m: None)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    tel = [r for r in records if r["split"] == "telemetry"]
+    assert [r["step"] for r in tel] == [2, 4, 6]
+    for r in tel:
+        for split in ("train", "val"):
+            assert 0 <= r[f"telemetry/{split}/negentropy"] <= 1
+            assert 0 < r[f"telemetry/{split}/symbiosis"] <= 1
+            assert r[f"telemetry/{split}/lz_complexity"] > 0
+    train = [r for r in records if r["split"] == "train"]
+    assert all(0 <= r["reg/K"] <= 1 and 0 < r["reg/S"] <= 1 for r in train)
+
+    with pytest.raises(SpecError, match="add {name: symbiosis} to telemetry.metrics"):
+        execute(load_spec(tiny_spec(steps=2, telemetry={"lambda_S": 0.1})), tmp_path / "s",
+                log=lambda m: None)
+    with pytest.raises(SpecError, match="lambda_C must be 0"):
+        load_spec(tiny_spec(steps=2, telemetry={"lambda_C": 0.1}))

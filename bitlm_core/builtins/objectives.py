@@ -26,4 +26,5 @@ class CausalObjective:
         loss = F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1).long())
         accuracy = float((logits.detach().argmax(-1) == bits).float().mean())
         return ObjectiveOutput(loss=loss, bits_per_byte=float(loss.detach()) * model.frame_bits / LN2,
-                               extras={"accuracy": accuracy})
+                               extras={"accuracy": accuracy},
+                               probs=logits.float().softmax(dim=-1)[..., 1])

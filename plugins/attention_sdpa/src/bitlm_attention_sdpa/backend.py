@@ -35,29 +35,15 @@ chunking is on), which is slower and uses O(Tq * Tk) memory.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Optional
+
+from bitlm_core.builtins.attention import (ReferenceAttention, check_chunking, chunk_mask,
+                                           chunked)
+
+__all__ = ["SdpaAttention", "chunk_mask"]  # chunk_mask lives in bitlm_core, shared with reference
 
 if TYPE_CHECKING:  # torch is imported lazily at call time
     import torch
-
-
-def chunk_mask(tq: int, tk: int, chunk_size: int, overlap: int, causal: bool,
-               device=None) -> "torch.Tensor":
-    """(tq, tk) bool mask of chunked attention, True where query i may attend key j.
-
-    Queries are the last ``tq`` of ``tk`` positions. Only used for the dense ``need_weights``
-    fallback; the fast path never materialises it.
-    """
-    import torch
-
-    pos_q = torch.arange(tk - tq, tk, device=device).unsqueeze(1)  # absolute positions
-    pos_k = torch.arange(tk, device=device).unsqueeze(0)
-    chunk_start = (pos_q // chunk_size) * chunk_size
-    mask = (pos_k >= chunk_start - overlap) & (pos_k < chunk_start + chunk_size)
-    if causal:
-        mask &= pos_k <= pos_q
-    return mask
 
 
 class SdpaAttention:
@@ -73,14 +59,7 @@ class SdpaAttention:
     supports_weights = False
 
     def __init__(self, chunk_size: Optional[int] = None, overlap: int = 0):
-        if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-                raise ValueError(f"chunk_size must be a positive integer or None, "
-                                 f"got {chunk_size!r}")
-        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-            raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
-        if overlap and chunk_size is None:
-            raise ValueError("overlap only makes sense with chunk_size (chunked attention)")
+        check_chunking(chunk_size, overlap)
         self.chunk_size = chunk_size
         self.overlap = overlap
 
@@ -110,40 +89,12 @@ class SdpaAttention:
     # -- implementations --------------------------------------------------------------------
     def _chunked(self, q, k, v, causal: bool, dropout_p: float):
         """Chunk by chunk over the query positions; each chunk sees S + overlap keys at most."""
-        import torch
-
-        tq, tk = q.size(-2), k.size(-2)
-        offset = tk - tq  # absolute position of the first query
-        size = self.chunk_size
-        outs = []
-        for start in range((offset // size) * size, tk, size):
-            end = min(start + size, tk)
-            q_from = max(start, offset)
-            k_from = max(0, start - self.overlap)
-            # Query block and key block both end at absolute position end - 1, so the causal
-            # mask of this block is the bottom-right aligned one.
-            outs.append(_attend(q[..., q_from - offset:end - offset, :],
-                                k[..., k_from:end, :], v[..., k_from:end, :],
-                                causal, dropout_p))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        return chunked(_attend, q, k, v, self.chunk_size, self.overlap, causal, dropout_p)
 
     def _dense_with_weights(self, q, k, v, causal: bool, dropout_p: float):
         """The slow path for ``need_weights=True``: explicit softmax(QK^T / sqrt(D)) V."""
-        if self.chunk_size is None:
-            from bitlm_core.builtins.attention import ReferenceAttention
-
-            return ReferenceAttention()(q, k, v, causal=causal, dropout_p=dropout_p,
-                                        need_weights=True)
-        import torch
-        import torch.nn.functional as F
-
-        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        mask = chunk_mask(q.size(-2), k.size(-2), self.chunk_size, self.overlap, causal,
-                          q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-        return torch.matmul(dropped, v), weights
+        return ReferenceAttention(self.chunk_size, self.overlap)(
+            q, k, v, causal=causal, dropout_p=dropout_p, need_weights=True)
 
 
 def _attend(q, k, v, causal: bool, dropout_p: float):
