@@ -110,14 +110,18 @@ def bitlm_safety_gates() -> Iterable["SafetyGateSpec"]:  # noqa: F821
 def bitlm_scaling_strategies() -> Iterable["ScalingStrategySpec"]:  # noqa: F821
     """Provide ways to grow a model during training.
 
-    The factory returns an object with ``grow(model) -> model`` that returns a larger model whose
-    outputs on existing inputs start out unchanged.
+    The factory returns an object with ``grow(model) -> model`` that grows the model in place
+    (and returns it) so that its outputs on existing inputs start out unchanged; optionally
+    ``can_grow(model) -> bool``, ``next_frames(model) -> int`` (the context after growing, in
+    byte frames) and ``describe(old_cfg, new_cfg) -> str``. The trainer calls ``grow`` when
+    held-out bits per byte plateau (``scaling.patience``, ``min_delta``, ``max_growths``) and
+    keeps the optimizer state of every parameter that survives.
 
     Example::
 
         @hookimpl
         def bitlm_scaling_strategies():
-            yield ScalingStrategySpec("depth", DepthGrowth, "append identity-initialised blocks")
+            yield ScalingStrategySpec("context", ContextGrowth, "multiply the context")
     """
 
 

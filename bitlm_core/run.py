@@ -14,6 +14,7 @@ Running the same spec into an existing folder resumes from its newest checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -53,6 +54,7 @@ class Components:
     gate: Any
     sampler: Any
     telemetry: dict[str, Any] = field(default_factory=dict)
+    scaling: Any = None
 
     @classmethod
     def build(cls, spec: RunSpec) -> "Components":
@@ -72,7 +74,8 @@ class Components:
             )
         return cls(resolved=r, encoder=build(r["data.encoder"]), attention=build(r["attention"]),
                    objective=objective, compressor=build(r["compression"]),
-                   gate=build(r["safety.gate"]), sampler=sampler, telemetry=telemetry)
+                   gate=build(r["safety.gate"]), sampler=sampler, telemetry=telemetry,
+                   scaling=build(r["scaling.strategy"]) if "scaling.strategy" in r else None)
 
 
 def build_model(spec: RunSpec, comps: Components):
@@ -83,6 +86,16 @@ def build_model(spec: RunSpec, comps: Components):
 
     torch.manual_seed(spec.train.seed)
     return BitTransformerLM(model_config(spec, comps.encoder), comps.attention)
+
+
+def fit_to_checkpoint(model, saved: dict[str, Any]) -> None:
+    """Grow a model built from the spec to the context a checkpoint was saved with (a run whose
+    ``scaling.strategy`` grew it). The saved config is JSON data; nothing is evaluated."""
+    from bitlm_core.longcontext import expand_positional_encoding
+
+    frames = (saved.get("model_config") or {}).get("max_frames")
+    if isinstance(frames, int) and frames > model.cfg.max_frames:
+        expand_positional_encoding(model, frames)
 
 
 # -- run folders ----------------------------------------------------------------------------
@@ -144,14 +157,17 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
                 "elapsed": state.elapsed, "metrics": state.metrics}
 
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    saved = read_state(ckpt) if ckpt is not None else None
+    if saved is not None:
+        fit_to_checkpoint(model, saved)  # before the optimizer is built over its parameters
+        dataset = dataclasses.replace(dataset, seq_frames=model.cfg.max_frames)
     trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
                       compressor=comps.compressor if spec.compression.prob > 0 else None,
-                      encoder=comps.encoder,
-                      telemetry=comps.telemetry, progress=progress, log=log)
+                      encoder=comps.encoder, telemetry=comps.telemetry,
+                      scaling=comps.scaling, progress=progress, log=log)
     state = TrainState()
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        saved = read_state(ckpt)
+    if saved is not None:
         load_weights(ckpt, model)
         load_optimizer(ckpt, trainer.optimizer, saved)
         state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
@@ -159,7 +175,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
         log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
     if state.step < spec.train.steps:
         state = trainer.fit(state)
-    final = evaluate(model, comps.objective, dataset, spec.train.batch_size)
+    final = evaluate(model, comps.objective, trainer.dataset, spec.train.batch_size)
     trainer.write_metrics({"split": "val", "step": state.step, "final": True, **final})
     label = "bound on " if final["bound"] else ""
     log(f"held-out {label}bits per byte: {final['bits_per_byte']:.4f} over {final['bytes']:,} "
@@ -223,6 +239,7 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     state = read_state(ckpt)
     comps = Components.build(spec)
     model = build_model(spec, comps)
+    fit_to_checkpoint(model, state)
     load_weights(ckpt, model)
     model.eval()
     return LoadedRun(run_dir, spec, comps, model, state["step"])
@@ -234,9 +251,10 @@ def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 1
     """Bits per byte of ``run``'s model on any text, however long.
 
     A causal model scores the text with a sliding window of its context (``data.seq_len``
-    bytes) moved by ``stride`` bytes (default half the context): every byte is scored once,
-    with at least ``context - stride`` bytes before it, so the figure does not depend on where
-    windows happen to start. A bound (diffusion) objective scores non-overlapping windows.
+    bytes, or what ``scaling`` grew it to) moved by ``stride`` bytes (default half the
+    context): every byte is scored once, with at least ``context - stride`` bytes before it,
+    so the figure does not depend on where windows happen to start. A bound (diffusion)
+    objective scores non-overlapping windows.
     """
     import torch
 
@@ -246,7 +264,7 @@ def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 1
 
     check_text(data, source, run.spec.data.require_utf8)
     enc, objective = run.comps.encoder, run.comps.objective
-    Fb, W = enc.frame_bits, run.spec.data.seq_len
+    Fb, W = enc.frame_bits, run.model.cfg.max_frames  # data.seq_len, or more if it grew
     bits = torch.from_numpy(enc.encode_np(data))
     is_bound = bool(getattr(objective, "is_bound", False))
     if getattr(objective, "causal", True) and not is_bound:

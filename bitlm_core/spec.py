@@ -142,6 +142,11 @@ class SafetySection(Strict):
 
 class ScalingSection(Strict):
     strategy: Optional[Component] = None
+    patience: int = Field(2, ge=1, description="evaluations without min_delta improvement of "
+                                               "held-out bits per byte that make a plateau")
+    min_delta: float = Field(0.01, ge=0, description="improvement (bits per byte) that counts")
+    max_growths: int = Field(1, ge=0, description="how many times the strategy may grow the "
+                                                  "model in one run")
 
 
 class SampleSection(Strict):

@@ -104,7 +104,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, model: BitTransformerLM, objective, dataset: BitDataset,
                  run_dir: Path, meta: Callable[[TrainState], dict[str, Any]],
                  compressor=None, encoder=None, telemetry: dict[str, Any] | None = None,
-                 progress=None, log: Callable[[str], None] = print):
+                 scaling=None, progress=None, log: Callable[[str], None] = print):
         self.spec, self.t = spec, spec.train
         self.model, self.objective, self.dataset = model, objective, dataset
         self.run_dir = Path(run_dir)
@@ -115,6 +115,7 @@ class Trainer:
         self._history: dict[str, list[float]] = {}
         self.telemetry = telemetry or {}
         self.regularisers = self._regularisers()
+        self.scaling = scaling
         self.progress = progress
         self.log = log
         self.optimizer = make_optimizer(model, self.t)
@@ -230,6 +231,58 @@ class Trainer:
         tmp.replace(path)
         return path
 
+    # -- scaling ---------------------------------------------------------------------------
+    def maybe_grow(self, state: TrainState, bpb: float) -> bool:
+        """Grow the model with ``scaling.strategy`` after ``patience`` evaluations without an
+        improvement of ``min_delta``; counters live in ``state.metrics`` (so resume keeps them).
+        """
+        cfg, m = self.spec.scaling, state.metrics
+        best = m.get("scaling/best_bpb")
+        if best is None or bpb < best - cfg.min_delta:
+            m["scaling/best_bpb"], m["scaling/stale"] = bpb, 0
+            return False
+        m["scaling/stale"] = m.get("scaling/stale", 0) + 1
+        if m["scaling/stale"] < cfg.patience or m.get("scaling/growths", 0) >= cfg.max_growths:
+            return False
+        can = getattr(self.scaling, "can_grow", None)
+        if can is not None and not can(self.model):
+            return False
+        next_frames = getattr(self.scaling, "next_frames", None)
+        frames = next_frames(self.model) if next_frames else self.dataset.seq_frames
+        if frames > min(self.dataset.val.n_frames, self.dataset.train.n_frames):
+            m["scaling/growths"] = cfg.max_growths  # do not try again
+            self.log(f"step {state.step}: plateau, but a context of {frames} bytes does not fit "
+                     f"the held-out split ({self.dataset.val.n_frames} bytes); not growing")
+            return False
+        self.grow(state)
+        return True
+
+    def grow(self, state: TrainState) -> None:
+        """Apply the strategy; carry the optimizer state of every parameter that survived."""
+        import dataclasses
+
+        before = self.model.cfg
+        old_params = {id(p): p for p in self.model.parameters()}
+        old_state = self.optimizer.state
+        model = self.scaling.grow(self.model)
+        if model is not self.model:
+            raise BitlmError(f"scaling strategy '{self.spec.scaling.strategy.name}' returned a "
+                             "new model; bitlm strategies grow the model in place")
+        self.optimizer = make_optimizer(model, self.t)
+        for p in model.parameters():
+            if id(p) in old_params and p in old_state:
+                self.optimizer.state[p] = old_state[p]
+        if model.cfg.max_frames != self.dataset.seq_frames:
+            self.dataset = dataclasses.replace(self.dataset, seq_frames=model.cfg.max_frames)
+        m = state.metrics
+        m["scaling/growths"] = m.get("scaling/growths", 0) + 1
+        m["scaling/stale"], m["scaling/best_bpb"] = 0, None
+        describe = getattr(self.scaling, "describe", None)
+        what = describe(before, model.cfg) if describe else self.spec.scaling.strategy.name
+        self.write_metrics({"split": "scaling", "step": state.step, "change": what,
+                            "parameters": model.num_parameters()})
+        self.log(f"step {state.step}: training plateaued; scaled the model: {what}")
+
     # -- telemetry -------------------------------------------------------------------------
     def _regularisers(self) -> dict[str, tuple[float, Any]]:
         """lambda_K and lambda_S: the differentiable metrics they weigh, or a SpecError."""
@@ -313,6 +366,8 @@ class Trainer:
                     self.write_metrics({"split": "val", "step": state.step,
                                         "bits_per_byte": last_bpb, "bytes": ev["bytes"]})
                     state.metrics.update(val_bits_per_byte=last_bpb)
+                    if self.scaling is not None and state.step < t.steps:
+                        self.maybe_grow(state, last_bpb)
                     if self.spec.attention.full_attn_logging:
                         self.save_attention_maps(state.step)
                     self.log(f"step {state.step:>6}  train loss {record['loss']:.4f}  "

@@ -98,3 +98,43 @@ def test_expanding_positions_keeps_existing_outputs(layout):
         assert torch.equal(longer[:, : bits.size(1)], before)  # causal: later bytes unseen
     with pytest.raises(BitlmError, match="only grows"):
         expand_positional_encoding(m, 4)
+
+
+def test_context_growth_during_training_survives_resume_and_loading(tmp_path, tiny_spec):
+    import json
+
+    from bitlm_core.run import evaluate_bytes, execute, load_run
+    from bitlm_core.spec import load_spec
+
+    # min_delta 10: every evaluation after the first is a plateau, so the model grows at once
+    spec = load_spec(tiny_spec(steps=12, scaling={
+        "strategy": {"name": "context", "options": {"factor": 2, "max_frames": 32}},
+        "patience": 1, "min_delta": 10.0, "max_growths": 1}))
+    logs = []
+    execute(spec, tmp_path / "r", log=logs.append)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    grown = [r for r in records if r["split"] == "scaling"]
+    assert [(r["step"], r["change"]) for r in grown] == [(6, "context 16 -> 32 byte frames")]
+    assert any("scaled the model: context 16 -> 32" in m for m in logs)
+    later = [r for r in records if r["split"] == "val" and r["step"] > 6]
+    assert later and all(r["bytes"] % 32 == 0 for r in later)  # held-out windows grew too
+
+    again = []
+    execute(spec, tmp_path / "r", log=again.append)  # finished: loads, re-evaluates
+    assert not any("scaled" in m for m in again)
+    run = load_run(tmp_path / "r")
+    assert run.model.cfg.max_frames == 32
+    result = evaluate_bytes(run, TEXT, "text")
+    assert result["window"] == 32 and result["bytes"] == len(TEXT)
+
+
+def test_context_growth_options_are_checked():
+    from bitlm_core.builtins.scaling import ContextGrowth
+
+    for kwargs in ({"factor": 1}, {"max_frames": 1}, {"factor": 2.5}):
+        with pytest.raises(ValueError):
+            ContextGrowth(**kwargs)
+    m = model(max_frames=8)
+    growth = ContextGrowth(factor=4, max_frames=20)
+    assert growth.next_frames(m) == 20 and growth.grow(m) is m and m.cfg.max_frames == 20
+    assert not growth.can_grow(m)

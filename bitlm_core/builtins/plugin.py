@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bitlm_core.hookspecs import hookimpl
 from bitlm_core.records import (AttentionBackendSpec, CompressorSpec, CorpusSpec, EncoderSpec,
-                                ObjectiveSpec, SafetyGateSpec, SamplerSpec)
+                                ObjectiveSpec, SafetyGateSpec, SamplerSpec, ScalingStrategySpec)
 
 
 @hookimpl
@@ -60,3 +60,11 @@ def bitlm_samplers():
 
     yield SamplerSpec("autoregressive", AutoregressiveSampler,
                       "bit by bit with a key/value cache; temperature, top-k, top-p")
+
+
+@hookimpl
+def bitlm_scaling_strategies():
+    from bitlm_core.builtins.scaling import ContextGrowth
+
+    yield ScalingStrategySpec("context", ContextGrowth,
+                              "on a plateau, multiply the context (outputs on the old one kept)")
