@@ -22,8 +22,8 @@ Table 2: the cost of one call of each metric on a training-sized batch, to judge
 of telemetry (compare with the step time of your model; times are per call).
 
 Table 3: the overhead of telemetry in training: the quickstart model's training step time
-(median of ``--steps`` steps) against one telemetry evaluation with all three metrics (a
-held-out batch through the model, then the metrics), and the share of training time that is at
+(median of ``--steps`` steps) against one telemetry evaluation with all three metrics (the
+step's training batch and a held-out batch through the model, then the metrics), and the share of training time that is at
 the default interval (``telemetry.every`` = 100 steps) and at every 10 steps.
 """
 
@@ -175,9 +175,9 @@ def overhead_table(steps: int, repeats: int) -> None:
             step_times.append(time.perf_counter() - t0)
             state.step += 1
         tel_times = []
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 1):  # what training runs: the step's batch and a held-out one
             t0 = time.perf_counter()
-            values = trainer.telemetry_values()
+            values = trainer.telemetry_record(state.step)
             tel_times.append(time.perf_counter() - t0)
     step = statistics.median(step_times[2:])
     tel = min(tel_times[1:])

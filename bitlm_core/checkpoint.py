@@ -143,7 +143,9 @@ def load_weights(ckpt: Path, model) -> None:
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit the model built from its spec (missing: "
-            f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})")
+            f"{sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}). If an older bitlm "
+            f"wrote it (framed models gained a frame-value input table and the 'joint' local "
+            f"predictor), train it again: bitlm run SPEC --restart")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

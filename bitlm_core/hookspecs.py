@@ -115,7 +115,9 @@ def bitlm_scaling_strategies() -> Iterable["ScalingStrategySpec"]:  # noqa: F821
     ``can_grow(model) -> bool``, ``next_frames(model) -> int`` (the context after growing, in
     byte frames) and ``describe(old_cfg, new_cfg) -> str``. The trainer calls ``grow`` when
     held-out bits per byte plateau (``scaling.patience``, ``min_delta``, ``max_growths``) and
-    keeps the optimizer state of every parameter that survives.
+    keeps the optimizer state of every parameter that survives. Resuming and loading rebuild a
+    grown *context* from the checkpoint's saved config; a strategy that changes anything else
+    (depth, width) cannot be resumed or loaded yet.
 
     Example::
 

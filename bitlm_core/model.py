@@ -249,19 +249,26 @@ class JointBitPredictor(nn.Module):
         self.frame_bits = F_
         self.ln = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2 ** (F_ - 1) if cfg.frame_parity else 2 ** F_)
+        n = F_ - 1 if cfg.frame_parity else F_  # bits that index the scores
+        value = torch.arange(2 ** n)
+        # value_bits[v, i]: bit i (MSB first) of value v, for conditioning on known bits
+        self.register_buffer("value_bits", ((value[:, None] >> torch.arange(n - 1, -1, -1))
+                                            & 1).float(), persistent=False)
         if cfg.frame_parity:  # the parity bit of each data value, placed after it
-            value = torch.arange(2 ** (F_ - 1))
-            ones = sum((value >> i) & 1 for i in range(F_ - 1))
-            self.register_buffer("parity", (ones % 2).float(), persistent=False)
+            self.register_buffer("parity", self.value_bits.sum(-1) % 2, persistent=False)
         else:
             self.parity = None
 
-    def forward(self, h, bits=None):
-        """h (..., C); bits (..., F) or None (non-causal) -> logits (..., F, 2)."""
+    def forward(self, h, bits=None, known=None):
+        """h (..., C); bits (..., F) -> causal logits (..., F, 2). Non-causal (``bits`` None):
+        each bit's marginal, given the frame's ``known`` tokens (..., F) in {0, 1, MASK} when
+        passed: only the values that agree with every known bit keep their mass."""
         F_ = self.frame_bits
         s = self.head(self.ln(h)).float()  # one score per value, MSB-first order
         e = torch.exp(s - s.detach().amax(dim=-1, keepdim=True))
         n = F_ - 1 if self.parity is not None else F_  # bits scored through ``e``
+        if bits is None and known is not None:
+            return self._conditional_marginals(e, known, n)
         levels = [e]  # levels[i]: sums over the values sharing a prefix of length n - i
         for _ in range(n - 1):
             levels.append(levels[-1][..., 0::2] + levels[-1][..., 1::2])
@@ -283,6 +290,25 @@ class JointBitPredictor(nn.Module):
                 odd = self.parity[data]
                 pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
         return torch.stack(pairs, dim=-2).clamp_min(torch.finfo(e.dtype).tiny).log()
+
+    def _conditional_marginals(self, e, known, n: int):
+        """Marginal of every bit under the value distribution restricted to the values that
+        agree with the frame's known bits (a MASK agrees with anything)."""
+        known = known.long()
+        free = known > 1  # MASK
+        data = known[..., :n].unsqueeze(-2).float()  # (..., 1, n)
+        agree = (self.value_bits == data) | free[..., :n].unsqueeze(-2)  # (..., V, n)
+        keep = agree.all(dim=-1)
+        if self.parity is not None:
+            par = known[..., n:].float()
+            keep &= (self.parity == par) | free[..., n:]
+        w = e * keep
+        total = w.sum(-1, keepdim=True)
+        ones = w @ self.value_bits  # (..., n): mass with bit i = 1
+        if self.parity is not None:
+            ones = torch.cat([ones, (w * self.parity).sum(-1, keepdim=True)], dim=-1)
+        pairs = torch.stack([total - ones, ones], dim=-1)
+        return pairs.clamp_min(torch.finfo(e.dtype).tiny).log()
 
 
 class BitTransformerLM(nn.Module):
@@ -405,7 +431,8 @@ class BitTransformerLM(nn.Module):
             else:
                 h, maps = self._backbone(self._frame_embed(frames), False,
                                          need_weights=return_attention)
-                logits = self.local(h)
+                logits = (self.local(h, known=frames) if self.cfg.local == "joint"
+                          else self.local(h))
             logits = logits.reshape(B, L, 2)
         return (logits, maps) if return_attention else logits
 

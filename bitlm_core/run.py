@@ -275,6 +275,10 @@ def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 1
         bpb, n_bytes = score_sliding(run.model, bits, Fb, W, stride, batch_size, progress)
         return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": False,
                 "window": W, "stride": stride}
+    if stride is not None:
+        raise DataError(f"--stride applies to causal models; this run's objective "
+                        f"'{run.spec.objective.name}' is scored in non-overlapping windows of "
+                        f"{W} bytes (its figure is a bound); leave --stride out")
     full = (len(data) // W) * W
     rows = bits[: full * Fb].view(-1, W * Fb)
     batches = list(rows.split(batch_size))
@@ -292,6 +296,7 @@ class SampleResult:
     decision: Any
     parity_fixed: int = 0
     seconds: float = 0.0
+    prompt_bits: int = 0  # how many of ``bits`` are the prompt's
 
 
 def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, gate=None,
@@ -315,19 +320,23 @@ def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, 
     text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
         "utf-8", errors="replace")
     full = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1)))
-    metrics = sample_metrics(model, enc, full, len(prompt_bits), telemetry or {})
+    metrics = sample_metrics(model, enc, full, len(prompt_bits), telemetry or {},
+                             causal=bool(getattr(sampler, "causal", True)))
     decision = (gate or NoGate()).check(metrics)
     if not decision and strict:
         raise SafetyError("safety gate blocked the sample: " + "; ".join(decision.reasons))
-    return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start)
+    return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start,
+                        len(prompt_bits))
 
 
 def decompress_sample(result: SampleResult, comps: Components) -> str:
-    """``compression.decompress_output``: the sample read as a codec stream, or why it is not."""
+    """``compression.decompress_output``: what the sample generated after its prompt, read as a
+    codec stream, or why it is not one."""
     from bitlm_core.compression import model_output_decompress
 
     try:
-        bits = model_output_decompress(result.bits, comps.compressor, comps.encoder)
+        bits = model_output_decompress(result.bits[result.prompt_bits:], comps.compressor,
+                                       comps.encoder)
     except (CodecError, BitsError) as exc:
         return f"(not a valid stream: {exc})"
     try:

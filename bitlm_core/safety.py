@@ -49,13 +49,14 @@ class SafeSample:
         return bool(self.result.decision)
 
 
-def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[str, Any]
-                   ) -> dict[str, float]:
+def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[str, Any],
+                   causal: bool = True) -> dict[str, float]:
     """Telemetry of the bits a sample added after its prompt.
 
-    The model's probabilities come from one causal forward pass over the last context's worth
-    of the sample, so metrics that need them (symbiosis) can be computed for causal models;
-    for other models those metrics are left out (a gate then reports them missing).
+    For a causal model the probabilities come from one causal forward pass over the last
+    context's worth of the sample, so metrics that need them (symbiosis) can be computed; for a
+    non-causal one (``causal=False``) those metrics are left out (a gate then reports them
+    missing).
     """
     import torch
 
@@ -65,7 +66,7 @@ def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[st
     if not telemetry or new.numel() == 0:
         return {}
     probs = None
-    if getattr(model, "cfg", None) is not None:
+    if causal and getattr(model, "cfg", None) is not None:
         Fb = encoder.frame_bits
         keep = min(new.numel(), (model.cfg.max_frames - 1) * Fb)
         window = bits[bits.numel() - min(bits.numel(), model.cfg.max_frames * Fb):]

@@ -157,6 +157,9 @@ class Trainer:
             bits, trip = self.batch(state.step, micro)
             out = self.objective(self.model, bits)
             loss = out.loss
+            if not torch.isfinite(out.loss.detach()):
+                raise BitlmError(f"loss became {float(out.loss)} at step {state.step}; lower "
+                                 "train.lr or enable train.grad_clip")
             if self.regularisers and out.probs is not None:
                 # certain predictions (a parity bit) have an infinite entropy gradient: clamp
                 probs = out.probs.clamp(1e-6, 1.0 - 1e-6)
@@ -179,9 +182,6 @@ class Trainer:
             (loss / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
-        if not math.isfinite(loss_sum):
-            raise BitlmError(f"loss became {loss_sum} at step {state.step}; lower train.lr or "
-                             "enable train.grad_clip")
         grad_norm = 0.0
         if self.t.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -212,7 +212,7 @@ class Trainer:
         return flat
 
     @torch.no_grad()
-    def save_attention_maps(self, step: int) -> Path:
+    def save_attention_maps(self, step: int) -> Path | None:
         """``attention.full_attn_logging``: every layer's (heads, T, T) map of the first
         held-out window, as ``attention/step-N.safetensors`` (keys ``layer0``, ``layer1``...)."""
         from safetensors.torch import save_file
@@ -222,6 +222,10 @@ class Trainer:
         self.model.eval()
         _, maps = self.model(window, causal=True, return_attention=True)
         self.model.train(was_training)
+        if any(m is None for m in maps):
+            self.log("attention.full_attn_logging: the attention backend returned no maps; "
+                     "use attention: {name: reference} (or sdpa) to log them")
+            return None
         folder = self.run_dir / "attention"
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{step}.safetensors"
@@ -287,6 +291,10 @@ class Trainer:
     def _regularisers(self) -> dict[str, tuple[float, Any]]:
         """lambda_K and lambda_S: the differentiable metrics they weigh, or a SpecError."""
         tcfg, found = self.spec.telemetry, {}
+        if (tcfg.lambda_K or tcfg.lambda_S) and not getattr(self.objective, "causal", True):
+            raise SpecError(f"telemetry.lambda_K and lambda_S regularise the causal model's "
+                            f"predictions; objective '{self.spec.objective.name}' gives none. "
+                            "Set them to 0, or train with objective: causal")
         for key, weight, name, needs in (("K", tcfg.lambda_K, "negentropy", "source: probs"),
                                          ("S", tcfg.lambda_S, "symbiosis", "")):
             if not weight:
@@ -308,12 +316,19 @@ class Trainer:
             return {}
         if bits is None:
             bits = next(self.dataset.val_batches(self.t.batch_size, 1))
-        was_training = self.model.training
-        self.model.eval()
-        probs = torch.softmax(self.model(bits, causal=True).float(), dim=-1)[..., 1]
-        self.model.train(was_training)
-        return {f"telemetry/{split}/{name}": float(metric(bits, probs).float().mean())
-                for name, metric in self.telemetry.items()}
+        probs = None
+        if getattr(self.objective, "causal", True):  # a non-causal model has no next-bit probs
+            was_training = self.model.training
+            self.model.eval()
+            probs = torch.softmax(self.model(bits, causal=True).float(), dim=-1)[..., 1]
+            self.model.train(was_training)
+        values = {}
+        for name, metric in self.telemetry.items():
+            try:
+                values[f"telemetry/{split}/{name}"] = float(metric(bits, probs).float().mean())
+            except BitlmError:  # a metric of the predictions, with none to give
+                continue
+        return values
 
     def telemetry_record(self, step: int) -> dict[str, float]:
         """Telemetry on this step's training batch and on a held-out batch."""

@@ -124,3 +124,19 @@ def test_training_logs_raw_compressed_and_direct_metrics_separately(tmp_path, ti
         assert 0 <= r["compressed/accuracy"] <= 1 and r["direct_loss"] > 0
         assert "raw/loss" not in r or r["raw/batches"] + r["compressed/batches"] == 1
     assert "read as a rle stream" in (tmp_path / "r" / "samples.txt").read_text()
+
+
+def test_decompress_output_reads_what_follows_the_prompt():
+    from types import SimpleNamespace
+
+    from bitlm_core.run import SampleResult, decompress_sample
+
+    c = codec("rle")
+    prompt = ENC.encode(b"The ")
+    stream = ENC.encode(c.compress(ENC.encode(b"hidden text")))
+    result = SampleResult("", torch.cat([prompt, stream]), None, prompt_bits=prompt.numel())
+    comps = SimpleNamespace(compressor=c, encoder=ENC)
+    assert decompress_sample(result, comps) == "hidden text"
+    plain = SampleResult("", torch.cat([prompt, ENC.encode(b"words")]), None,
+                         prompt_bits=prompt.numel())
+    assert decompress_sample(plain, comps).startswith("(not a valid stream: the sample is not")

@@ -138,3 +138,27 @@ def test_context_growth_options_are_checked():
     growth = ContextGrowth(factor=4, max_frames=20)
     assert growth.next_frames(m) == 20 and growth.grow(m) is m and m.cfg.max_frames == 20
     assert not growth.can_grow(m)
+
+
+def test_a_diffusion_run_is_scored_in_windows_and_refuses_a_stride(tmp_path, tiny_spec):
+    import json
+
+    from bitlm_core.errors import DataError
+    from bitlm_core.run import evaluate_bytes, execute, load_run
+    from bitlm_core.spec import load_spec
+
+    spec = load_spec(tiny_spec(steps=2, objective={"name": "diffusion"},
+                               sample={"sampler": {"name": "diffusion"}},
+                               telemetry={"metrics": [{"name": "lz_complexity"},
+                                                      {"name": "symbiosis"}], "every": 1}))
+    execute(spec, tmp_path / "d", log=lambda m: None)
+    tel = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").open()]
+    tel = [r for r in tel if r["split"] == "telemetry"]
+    # no next-bit probabilities from a non-causal model: symbiosis is left out, C is not
+    assert tel and all("telemetry/val/lz_complexity" in r for r in tel)
+    assert not any("telemetry/val/symbiosis" in r for r in tel)
+    run = load_run(tmp_path / "d")
+    result = evaluate_bytes(run, TEXT, "text")
+    assert result["is_bound"] and result["stride"] == result["window"] == 16
+    with pytest.raises(DataError, match="--stride applies to causal models"):
+        evaluate_bytes(run, TEXT, "text", stride=4)

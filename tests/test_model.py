@@ -157,3 +157,32 @@ def test_sampling_with_and_without_the_cache_gives_the_same_bits(layout):
                                                    torch.Generator().manual_seed(3),
                                                    Parity9Encoder()) for c in (True, False)]
     assert runs[0].shape == (5 * 9,) and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("parity", [True, False])
+def test_joint_non_causal_marginals_condition_on_known_bits(parity):
+    from bitlm_core.model import JointBitPredictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout="framed", d_model=16, frame_parity=parity)
+    local = JointBitPredictor(cfg).eval()
+    h = torch.randn(3, 16)
+    known = torch.tensor([[1, MASK, 0, MASK, 1, 1, MASK, 0, MASK],
+                          [MASK] * 9,
+                          [0, 1, 1, 0, MASK, 0, 1, 0, 1]])
+    got = local(h, known=known).softmax(-1)[..., 1]  # P(bit = 1)
+    with torch.no_grad():
+        scores = local.head(local.ln(h)).double()
+    n = 8 if parity else 9
+    for row in range(3):
+        num, den = torch.zeros(9, dtype=torch.double), torch.zeros((), dtype=torch.double)
+        for v in range(2 ** n):
+            frame = [(v >> (n - 1 - i)) & 1 for i in range(n)]
+            if parity:
+                frame.append(sum(frame) % 2)
+            if any(k != 2 and k != b for k, b in zip(known[row].tolist(), frame)):
+                continue
+            p = scores[row, v].exp()
+            den += p
+            num += p * torch.tensor(frame, dtype=torch.double)
+        torch.testing.assert_close(got[row].double(), num / den, atol=1e-5, rtol=1e-4)

@@ -169,3 +169,31 @@ def test_telemetry_on_train_and_val_batches_with_regularisers(tmp_path, tiny_spe
                 log=lambda m: None)
     with pytest.raises(SpecError, match="lambda_C must be 0"):
         load_spec(tiny_spec(steps=2, telemetry={"lambda_C": 0.1}))
+
+
+def test_metrics_of_a_non_causal_sample_leave_out_model_probabilities(model):
+    values = sample_metrics(model, ENC, ENC.encode(b"Emma " + TEXT[:40]), 5 * 9, telemetry(),
+                            causal=False)
+    assert set(values) == {"lz_complexity"}  # symbiosis needs next-bit probabilities
+
+
+def test_regularisers_change_training_and_need_a_causal_objective(tmp_path, tiny_spec):
+    from safetensors.torch import load_file
+
+    from bitlm_core.checkpoint import latest_checkpoint
+    from bitlm_core.errors import SpecError
+    from bitlm_core.run import execute
+    from bitlm_core.spec import load_spec
+
+    metrics = [{"name": "negentropy", "options": {"source": "probs"}}, {"name": "symbiosis"}]
+    weights = {}
+    for lam in (0.0, 0.5):
+        spec = load_spec(tiny_spec(steps=3, telemetry={"metrics": metrics, "lambda_K": lam}))
+        execute(spec, tmp_path / str(lam), log=lambda m: None)
+        weights[lam] = load_file(str(latest_checkpoint(tmp_path / str(lam)) / "model.safetensors"))
+    assert any(not torch.equal(weights[0.0][k], weights[0.5][k]) for k in weights[0.0])
+    diffusion = load_spec(tiny_spec(steps=2, objective={"name": "diffusion"},
+                                    sample={"sampler": {"name": "diffusion"}},
+                                    telemetry={"metrics": metrics, "lambda_S": 0.1}))
+    with pytest.raises(SpecError, match="objective 'diffusion' gives none"):
+        execute(diffusion, tmp_path / "d", log=lambda m: None)
