@@ -30,7 +30,8 @@ def spec_for(objective: str, args) -> dict:
         "name": f"diffusion-bench-{objective}",
         "data": {"corpus": corpus, "seq_len": args.seq},
         "model": {"layout": args.layout, "d_model": 128, "n_layers": 4, "n_heads": 4},
-        "objective": {"name": objective},
+        "objective": ({"name": objective} if objective == "causal"
+                      else {"name": objective, "options": {"unit": args.unit}}),
         "train": {"steps": args.steps, "batch_size": 32, "lr": 0.003, "warmup_steps": 50,
                   "eval_every": args.steps, "checkpoint_every": args.steps,
                   "threads": args.threads, "log_every": 50},
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-bytes", type=int, default=256)
     p.add_argument("--samples", type=int, default=3, help="samples per sampler setting")
     p.add_argument("--prompt", default="It was ")
+    p.add_argument("--unit", default="bit", choices=["bit", "frame"],
+                   help="what diffusion masks: single bits or whole byte frames")
     p.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     args = p.parse_args(argv)
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     where = args.corpus or "quickstart corpus"
     print(f"\n{where}: {args.steps} steps each, layout {args.layout}, {args.seq}-byte windows, "
-          f"{args.threads} thread(s)\n")
+          f"{args.threads} thread(s), diffusion unit {args.unit}\n")
     print("| objective | held-out bits per byte | train s |")
     print("|---|---:|---:|")
     for objective, bpb, bound, seconds, _ in rows:
@@ -95,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     registry = get_registry()
     settings = [("autoregressive (causal model)", runs["causal"], loaded.comps.sampler)]
     for n in (int(x) for x in args.sampler_steps.split(",")):
-        settings.append((f"diffusion, {n} steps", runs["diffusion"],
-                         registry.build("sampler", "diffusion", {"steps": n})))
+        settings.append((f"diffusion ({args.unit}), {n} steps", runs["diffusion"],
+                         registry.build("sampler", "diffusion",
+                                        {"steps": n, "unit": args.unit})))
     example = {}
     for label, run, sampler in settings:
         times, fixed, shares = [], 0, []

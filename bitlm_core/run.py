@@ -85,7 +85,7 @@ def build_model(spec: RunSpec, comps: Components):
     from bitlm_core.train import model_config
 
     torch.manual_seed(spec.train.seed)
-    return BitTransformerLM(model_config(spec, comps.encoder), comps.attention)
+    return BitTransformerLM(model_config(spec, comps.encoder, comps.objective), comps.attention)
 
 
 def fit_to_checkpoint(model, saved: dict[str, Any]) -> None:

@@ -26,10 +26,15 @@ from bitlm_core.safety import detect_metric_drift
 from bitlm_core.spec import RunSpec, TrainSection
 
 
-def model_config(spec: RunSpec, encoder) -> ModelConfig:
+NON_CAUSAL_NEIGHBOURS = 3  # positions on either side a non-causal model's input reads
+
+
+def model_config(spec: RunSpec, encoder, objective=None) -> ModelConfig:
     m = spec.model
+    causal = bool(getattr(objective, "causal", True))
     return ModelConfig(layout=m.layout, frame_bits=encoder.frame_bits,
                        frame_parity=bool(getattr(encoder, "has_parity", False)),
+                       neighbours=0 if causal else NON_CAUSAL_NEIGHBOURS,
                        max_frames=spec.data.seq_len,
                        d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                        d_ff=m.d_ff or 4 * m.d_model, dropout=m.dropout,

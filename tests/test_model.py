@@ -188,3 +188,26 @@ def test_joint_non_causal_marginals_condition_on_known_bits(parity):
             den += p
             num += p * torch.tensor(frame, dtype=torch.double)
         torch.testing.assert_close(got[row].double(), num / den, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["framed", "flat"])
+def test_neighbour_mixing_is_non_causal_only(layout):
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout=layout, max_frames=6, d_model=32, n_layers=1, n_heads=4, d_ff=64,
+                      neighbours=2)
+    model = BitTransformerLM(cfg, ReferenceAttention()).eval()
+    x = torch.randn(1, 5, 32)
+    W = model.neighbour_mix
+    pad = torch.zeros(32)
+    for t in range(5):
+        parts = []
+        for k in (1, 2):
+            parts += [x[0, t - k] if t - k >= 0 else pad, x[0, t + k] if t + k < 5 else pad]
+        torch.testing.assert_close(model._mix_neighbours(x)[0, t], x[0, t] + W(torch.cat(parts)))
+    with torch.no_grad():  # the causal forward never reads ahead, mixing or not
+        W.weight.normal_()
+        bits = torch.randint(0, 2, (1, 6 * 9), dtype=torch.uint8)
+        base = model(bits)
+        flipped = bits.clone()
+        flipped[0, 30] ^= 1
+        assert (model(flipped) - base)[:, :31].abs().max() == 0

@@ -338,3 +338,57 @@ def test_plugin_module_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+# -- unit: frame -------------------------------------------------------------------------------
+def test_frame_unit_bound_is_the_frames_chain_rule_nll():
+    """With whole frames masked, each masked frame costs exactly -log p(frame | visible)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout="framed", max_frames=16, d_model=32, n_layers=1, n_heads=4,
+                      d_ff=64, frame_parity=True)
+    model = BitTransformerLM(cfg, ReferenceAttention()).eval()
+    bits = corpus_windows(4)[:2]
+    obj = DiffusionObjective(schedule="linear", unit="frame")
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    frame_mask = torch.zeros(2, 4, dtype=torch.bool)
+    frame_mask[0, [1, 3]] = True
+    frame_mask[1, [0]] = True
+    mask = frame_mask.repeat_interleave(9, dim=1)
+    with torch.no_grad():
+        got = obj.bound(model, bits, t, mask)
+        tokens = torch.where(mask, torch.full_like(bits, MASK), bits)
+        h = model.frame_states(tokens)
+        scores = model.local.head(model.local.ln(h)).log_softmax(-1)  # over the 256 data values
+        data = (bits.view(2, 4, 9)[..., :8].long() * 2 ** torch.arange(7, -1, -1)).sum(-1)
+        nll = -scores.gather(-1, data.unsqueeze(-1)).squeeze(-1)  # (2, 4): -log p(frame)
+    expected = torch.stack([2.0 * (nll[0, 1] + nll[0, 3]), 4.0 * nll[1, 0]])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_frame_unit_masks_whole_frames_and_trains():
+    model = tiny_model("framed")
+    obj = DiffusionObjective(unit="frame")
+    out = obj(model.train(), corpus_windows(8)[:4])
+    assert out.is_bound and math.isfinite(out.bits_per_byte)
+    out.loss.backward()
+    assert model.local.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unit"):
+        DiffusionObjective(unit="byte")
+    with pytest.raises(Exception, match="framed"):
+        obj(tiny_model("flat"), corpus_windows(8)[:2])
+
+
+@pytest.mark.parametrize("prompt_bytes,n_frames", [(b"", 5), (b"hello", 6), (b"abc", 40)])
+def test_frame_unit_sampler_keeps_the_prompt_and_parity(prompt_bytes, n_frames):
+    enc = Parity9Encoder()
+    model = tiny_model("framed")
+    prompt = enc.encode(prompt_bytes)
+    sampler = DiffusionSampler(steps=8, unit="frame")
+    out = sampler.sample(model, prompt, n_frames, torch.Generator().manual_seed(3), enc)
+    assert out.shape == (prompt.numel() + n_frames * 9,)
+    assert torch.equal(out[: prompt.numel()], prompt) and parity_valid(out)
+    again = DiffusionSampler(steps=8, unit="frame").sample(
+        model, prompt, n_frames, torch.Generator().manual_seed(3), enc)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="framed"):
+        sampler.sample(tiny_model("flat"), prompt, 2, torch.Generator(), enc)

@@ -65,6 +65,12 @@ class DiffusionObjective:
     ``eval_samples``
         independent (t, mask) draws averaged per window in evaluation mode, to lower the
         variance of held-out bounds (default 1).
+    ``unit``
+        what is masked: ``bit`` (default: each bit on its own, the classic bit-level
+        formulation) or ``frame`` (whole byte frames: masked diffusion over bytes, framed layout
+        only). With ``frame`` a masked frame's bits are scored by the chain rule inside the
+        frame (``model(tokens, causal=False, targets=bits)``), so its term is exactly
+        ``-log p(frame | visible frames)`` and the figure stays a bound in bits per byte.
     """
 
     name = "diffusion"
@@ -73,7 +79,7 @@ class DiffusionObjective:
 
     def __init__(self, schedule: str = "linear", eps: float = DEFAULT_EPS,
                  antithetic: bool = True, t_min: float = 0.0, t_max: float = 1.0,
-                 curriculum_steps: int = 0, eval_samples: int = 1):
+                 curriculum_steps: int = 0, eval_samples: int = 1, unit: str = "bit"):
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not isinstance(eps, (int, float)) or not 0.0 < eps < 0.5:
@@ -89,6 +95,9 @@ class DiffusionObjective:
                              f"{curriculum_steps!r}")
         if not isinstance(eval_samples, int) or eval_samples < 1:
             raise ValueError(f"eval_samples must be an integer >= 1, got {eval_samples!r}")
+        if unit not in ("bit", "frame"):
+            raise ValueError(f"unit must be 'bit' or 'frame', got {unit!r}")
+        self.unit = unit
         self.schedule_name = schedule
         self.schedule = get_schedule(schedule)
         self.eps = float(eps)
@@ -133,7 +142,10 @@ class DiffusionObjective:
         device = bits.device
         mask = mask.to(device)
         tokens = torch.where(mask, torch.full_like(bits, _mask_token()), bits)
-        logits = model(tokens, causal=False)  # (B, L, 2)
+        if self.unit == "frame":
+            logits = model(tokens, causal=False, targets=bits)  # chain rule inside a frame
+        else:
+            logits = model(tokens, causal=False)  # (B, L, 2)
         ce = F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1).long(),
                              reduction="none").view(bits.shape)  # (B, L)
         weight = self.schedule.weight(t, self.eps).to(device=device, dtype=torch.float32)
@@ -159,7 +171,11 @@ class DiffusionObjective:
         total = 0.0
         for _ in range(draws):
             t = self.sample_t(B, lo=lo, hi=hi)
-            mask = self.sample_mask(t, L)
+            if self.unit == "frame":
+                Fb = model.frame_bits
+                mask = self.sample_mask(t, L // Fb).repeat_interleave(Fb, dim=1)
+            else:
+                mask = self.sample_mask(t, L)
             total = total + self.bound(model, bits, t, mask)
             extras["mask_fraction"] = float(mask.float().mean())
         per_window = total / draws  # (B,) nats

@@ -26,7 +26,9 @@ class DiffusionSampler:
 
     Options: ``steps`` (8 to 256, default 64), ``schedule`` (``linear`` default, ``cosine``,
     ``exp``, ``loglinear``: how many bits are revealed at each step), ``temperature`` (default
-    1; 0 takes the more likely bit).
+    1; 0 takes the more likely bit), ``unit`` (``bit`` default; ``frame`` reveals whole byte
+    frames, each drawn bit by bit from the model's chain rule inside the frame: for models
+    trained with the objective's ``unit: frame``, framed layout only).
 
     Context: the model is non-causal, so the prompt and the new bits must fit its context
     together (``model.cfg.max_frames`` frames). When they do not, only the last part of the
@@ -43,7 +45,8 @@ class DiffusionSampler:
     name = "diffusion"
     causal = False
 
-    def __init__(self, steps: int = 64, schedule: str = "linear", temperature: float = 1.0):
+    def __init__(self, steps: int = 64, schedule: str = "linear", temperature: float = 1.0,
+                 unit: str = "bit"):
         if isinstance(steps, bool) or not isinstance(steps, int) or not (
                 MIN_STEPS <= steps <= MAX_STEPS):
             raise ValueError(f"steps must be an integer from {MIN_STEPS} to {MAX_STEPS}, got "
@@ -52,6 +55,9 @@ class DiffusionSampler:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if unit not in ("bit", "frame"):
+            raise ValueError(f"unit must be 'bit' or 'frame', got {unit!r}")
+        self.unit = unit
         self.steps = steps
         self.schedule = get_schedule(schedule)
         self.temperature = float(temperature)
@@ -90,6 +96,43 @@ class DiffusionSampler:
         assert not bool(masked.any()), "the last diffusion step must reveal every bit"
         return tokens[P:].to(torch.uint8)
 
+    def _denoise_frames(self, model: Any, context: torch.Tensor, n_bits: int,
+                        generator: torch.Generator) -> torch.Tensor:
+        """``unit: frame``: reveal whole frames, each drawn bit by bit from the model's chain
+        rule inside the frame (``model.local``) given every visible frame."""
+        from bitlm_core.model import MASK
+
+        Fb = model.frame_bits
+        device = next(model.parameters()).device
+        P, n = context.numel() // Fb, n_bits // Fb
+        tokens = torch.cat([context.to(torch.long).cpu(),
+                            torch.full((n_bits,), MASK, dtype=torch.long)]).view(-1, Fb)
+        masked = torch.ones(n, dtype=torch.bool)
+        a = self.schedule.alpha(torch.arange(self.steps + 1, dtype=torch.float64) / self.steps)
+        for i in range(self.steps, 0, -1):
+            a_t, a_s = a[i], a[i - 1]
+            p_reveal = 1.0 if i == 1 else float(((a_s - a_t) / (1.0 - a_t)).clamp(0.0, 1.0))
+            u_reveal = torch.rand(n, generator=generator, dtype=torch.float64)
+            u_value = torch.rand(n, Fb, generator=generator, dtype=torch.float64)
+            reveal = masked & (u_reveal < p_reveal)
+            if not bool(reveal.any()):
+                continue
+            h = model.frame_states(tokens.view(1, -1).to(device))[0, P:][reveal.to(device)]
+            self.model_calls += 1
+            frame = torch.zeros(h.size(0), Fb, dtype=torch.long, device=device)
+            for j in range(Fb):  # bit j given bits < j of the same frame (entry j reads no more)
+                logits = model.local(h, frame)[:, j].float().cpu()
+                if self.temperature == 0:
+                    bit = logits.argmax(dim=-1)
+                else:
+                    p_one = torch.softmax(logits / self.temperature, dim=-1)[:, 1].double()
+                    bit = (u_value[reveal, j] < p_one).long()
+                frame[:, j] = bit.to(device)
+            tokens[P:][reveal] = frame.cpu()
+            masked &= ~reveal
+        assert not bool(masked.any()), "the last diffusion step must reveal every frame"
+        return tokens[P:].reshape(-1).to(torch.uint8)
+
     def _enforce(self, bits: torch.Tensor, encoder: Any, Fb: int) -> torch.Tensor:
         if encoder is None or not getattr(encoder, "has_parity", False):
             return bits
@@ -102,6 +145,8 @@ class DiffusionSampler:
                generator: torch.Generator, encoder: Optional[Any] = None) -> torch.Tensor:
         """prompt (P,) bits of whole frames -> (P + n_frames * frame_bits,) uint8 bits."""
         Fb = model.frame_bits
+        if self.unit == "frame" and model.cfg.layout != "framed":
+            raise ValueError("the diffusion sampler's unit: frame needs model.layout: framed")
         if encoder is not None and getattr(encoder, "frame_bits", Fb) != Fb:
             raise ValueError(f"encoder '{getattr(encoder, 'name', '?')}' has "
                              f"{encoder.frame_bits}-bit frames but the model has {Fb}")
@@ -128,7 +173,8 @@ class DiffusionSampler:
                     b = min(block, remaining)
                     ctx_frames = min(history.numel() // Fb, cap - b)
                     context = history[history.numel() - ctx_frames * Fb:]
-                    new = self._denoise(model, context, b * Fb, generator)
+                    denoise = self._denoise_frames if self.unit == "frame" else self._denoise
+                    new = denoise(model, context, b * Fb, generator)
                     history = torch.cat([history, self._enforce(new, encoder, Fb)])
                     remaining -= b
         finally:
