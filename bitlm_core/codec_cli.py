@@ -12,7 +12,6 @@ Like the rest of the CLI, importing this module imports neither torch nor numpy.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -53,17 +52,13 @@ def _read(path: Path) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, force: bool) -> None:
+    from bitlm_core.checkpoint import atomic_write_bytes
+
     if path.exists() and not force:
         raise BitlmError(f"{path} exists; pass --force to overwrite it")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BitlmError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

@@ -37,6 +37,7 @@ def compression_prob(step: int, prob: float, warmup_steps: int = 0, ramp_steps: 
 class RoundTrip:
     bits: Any  # the batch as it came back out of the codec, (B, L) uint8
     ratio: float  # input bits over output bits, over the whole batch
+    streams: list  # each window's stream (bytes), reused by direct mode
 
 
 class CompressionFeed:
@@ -64,19 +65,22 @@ class CompressionFeed:
                                  "where: bitlm_core.testing.check_codec_contract)")
             rows.append(restored.to(torch.uint8))
         out_bits = 8 * sum(len(s) for s in streams)
-        return RoundTrip(torch.stack(rows), bits.numel() / max(out_bits, 1))
+        return RoundTrip(torch.stack(rows), bits.numel() / max(out_bits, 1), streams)
 
-    def direct_batch(self, bits):
+    def direct_batch(self, bits, streams: list[bytes] | None = None):
         """The windows' compressed streams as training bits, ``(B', L)`` with ``B' <= B``.
 
         Each window's stream (bytes) goes through the run's encoder, the results are joined and
         cut into windows as long as the originals (frame-aligned, since ``L`` is a whole number
         of frames). Streams shorter than one window in total are repeated to fill it.
+        ``streams``: the windows' streams when already made (a round trip's), else compressed
+        here.
         """
         import torch
 
         L = bits.shape[-1]
-        cat = np.concatenate([self.encoder.encode_np(s) for s in self._streams(bits)])
+        streams = self._streams(bits) if streams is None else streams
+        cat = np.concatenate([self.encoder.encode_np(s) for s in streams])
         n_rows = min(bits.shape[0], len(cat) // L)
         if n_rows == 0:
             cat, n_rows = np.resize(cat, L), 1

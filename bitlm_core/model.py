@@ -268,42 +268,37 @@ class JointBitPredictor(nn.Module):
         s = self.head(self.ln(h)).float()  # one score per value, MSB-first order
         e = torch.exp(s - s.detach().amax(dim=-1, keepdim=True))
         n = F_ - 1 if self.parity is not None else F_  # bits scored through ``e``
-        if bits is None and known is not None:
-            return self._conditional_marginals(e, known, n)
+        if bits is None:
+            return self._marginals(e, n, known)
         levels = [e]  # levels[i]: sums over the values sharing a prefix of length n - i
         for _ in range(n - 1):
             levels.append(levels[-1][..., 0::2] + levels[-1][..., 1::2])
         pairs = []
-        if bits is None:  # marginals: bit j is the last bit of a length-(j+1) prefix
-            for j in range(n):
-                level = levels[n - 1 - j]
-                pairs.append(torch.stack([level[..., 0::2].sum(-1), level[..., 1::2].sum(-1)], -1))
-            if self.parity is not None:
-                odd = (e * self.parity).sum(-1)
-                pairs.append(torch.stack([e.sum(-1) - odd, odd], -1))
-        else:
-            prefix = prefix_nodes(bits, F_) - (2 ** torch.arange(F_, device=bits.device) - 1)
-            two = torch.arange(2, device=bits.device)
-            for j in range(n):  # the two length-(j+1) prefixes extending bit j's prefix
-                pairs.append(levels[n - 1 - j].gather(-1, 2 * prefix[..., j, None] + two))
-            if self.parity is not None:  # data value -> all its mass on its own parity
-                data = prefix[..., F_ - 1, None]
-                odd = self.parity[data]
-                pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
+        prefix = prefix_nodes(bits, F_) - (2 ** torch.arange(F_, device=bits.device) - 1)
+        two = torch.arange(2, device=bits.device)
+        for j in range(n):  # the two length-(j+1) prefixes extending bit j's prefix
+            pairs.append(levels[n - 1 - j].gather(-1, 2 * prefix[..., j, None] + two))
+        if self.parity is not None:  # data value -> all its mass on its own parity
+            data = prefix[..., F_ - 1, None]
+            odd = self.parity[data]
+            pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
         return torch.stack(pairs, dim=-2).clamp_min(torch.finfo(e.dtype).tiny).log()
 
-    def _conditional_marginals(self, e, known, n: int):
-        """Marginal of every bit under the value distribution restricted to the values that
-        agree with the frame's known bits (a MASK agrees with anything)."""
-        known = known.long()
-        free = known > 1  # MASK
-        data = known[..., :n].unsqueeze(-2).float()  # (..., 1, n)
-        agree = (self.value_bits == data) | free[..., :n].unsqueeze(-2)  # (..., V, n)
-        keep = agree.all(dim=-1)
-        if self.parity is not None:
-            par = known[..., n:].float()
-            keep &= (self.parity == par) | free[..., n:]
-        w = e * keep
+    def _marginals(self, e, n: int, known=None):
+        """Marginal of every bit under the value distribution, restricted (when ``known`` is
+        given) to the values that agree with the frame's known bits (a MASK agrees with
+        anything)."""
+        w = e
+        if known is not None:
+            known = known.long()
+            free = known > 1  # MASK
+            data = known[..., :n].unsqueeze(-2).float()  # (..., 1, n)
+            agree = (self.value_bits == data) | free[..., :n].unsqueeze(-2)  # (..., V, n)
+            keep = agree.all(dim=-1)
+            if self.parity is not None:
+                par = known[..., n:].float()
+                keep &= (self.parity == par) | free[..., n:]
+            w = e * keep
         total = w.sum(-1, keepdim=True)
         ones = w @ self.value_bits  # (..., n): mass with bit i = 1
         if self.parity is not None:

@@ -49,6 +49,34 @@ class SafeSample:
         return bool(self.result.decision)
 
 
+def next_bit_probs(model, bits):
+    """P(bit = 1) at every position of ``bits`` (B, L) from one causal forward pass, without
+    gradients, in evaluation mode (the model's mode is restored)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.softmax(model(bits, causal=True).float(), dim=-1)[..., 1]
+    finally:
+        model.train(was_training)
+
+
+def metric_values(telemetry: Mapping[str, Any], bits, probs=None) -> dict[str, float]:
+    """Each metric's mean over the rows of ``bits``; metrics that cannot be computed (one that
+    needs ``probs`` when there are none) are left out."""
+    from bitlm_core.errors import BitlmError
+
+    values: dict[str, float] = {}
+    for name, metric in telemetry.items():
+        try:
+            values[name] = float(metric(bits, probs).float().mean())
+        except BitlmError:
+            continue
+    return values
+
+
 def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[str, Any],
                    causal: bool = True) -> dict[str, float]:
     """Telemetry of the bits a sample added after its prompt.
@@ -58,10 +86,6 @@ def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[st
     non-causal one (``causal=False``) those metrics are left out (a gate then reports them
     missing).
     """
-    import torch
-
-    from bitlm_core.errors import BitlmError
-
     new = bits[prompt_bits:]
     if not telemetry or new.numel() == 0:
         return {}
@@ -70,23 +94,10 @@ def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[st
         Fb = encoder.frame_bits
         keep = min(new.numel(), (model.cfg.max_frames - 1) * Fb)
         window = bits[bits.numel() - min(bits.numel(), model.cfg.max_frames * Fb):]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                p = torch.softmax(model(window.view(1, -1), causal=True).float(), dim=-1)[0, :, 1]
-            probs = p[p.numel() - keep:].view(1, -1)
-        finally:
-            model.train(was_training)
+        p = next_bit_probs(model, window.view(1, -1))[0]
+        probs = p[p.numel() - keep:].view(1, -1)
         new = new[new.numel() - keep:]
-    row = new.view(1, -1)
-    values: dict[str, float] = {}
-    for name, metric in telemetry.items():
-        try:
-            values[name] = float(metric(row, probs).float().mean())
-        except BitlmError:  # e.g. a metric needing probabilities this model cannot give
-            continue
-    return values
+    return metric_values(telemetry, new.view(1, -1), probs)
 
 
 def _blocked_message(decision, what: str = "sample") -> str:

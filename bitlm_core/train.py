@@ -17,12 +17,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bitlm_core.checkpoint import save_checkpoint
+from bitlm_core.checkpoint import atomic_write_bytes, save_checkpoint
 from bitlm_core.compression import CompressionFeed, compression_prob
 from bitlm_core.dataset import BitDataset
 from bitlm_core.errors import BitlmError, SpecError
 from bitlm_core.model import BitTransformerLM, ModelConfig
-from bitlm_core.safety import detect_metric_drift
+from bitlm_core.safety import detect_metric_drift, metric_values, next_bit_probs
 from bitlm_core.spec import RunSpec, TrainSection
 
 
@@ -135,10 +135,14 @@ class Trainer:
                         keep=self.spec.output.keep_checkpoints)
 
     # -- one step ---------------------------------------------------------------------------
+    def _windows(self, step: int, micro: int):
+        """(generator, windows) of a micro-batch: the same for a step whenever it is drawn."""
+        rng = np.random.default_rng([self.t.seed, step, micro])
+        return rng, self.dataset.train_batch(rng, self.t.batch_size)
+
     def batch(self, step: int, micro: int):
         """The micro-batch's windows, and its round trip through the codec when drawn for it."""
-        rng = np.random.default_rng([self.t.seed, step, micro])
-        bits = self.dataset.train_batch(rng, self.t.batch_size)
+        rng, bits = self._windows(step, micro)
         c = self.spec.compression
         if self.compression is None:
             return bits, None
@@ -179,7 +183,8 @@ class Trainer:
                 n_compressed += 1
                 split["ratio"] = trip.ratio
                 if c.direct:
-                    direct = self.objective(self.model, self.compression.direct_batch(bits))
+                    direct = self.objective(self.model,
+                                            self.compression.direct_batch(bits, trip.streams))
                     loss = loss + c.direct_weight * direct.loss
                     self._accumulate("direct", {"loss": float(direct.loss.detach()),
                                                 "bits_per_byte": direct.bits_per_byte})
@@ -220,7 +225,7 @@ class Trainer:
     def save_attention_maps(self, step: int) -> Path | None:
         """``attention.full_attn_logging``: every layer's (heads, T, T) map of the first
         held-out window, as ``attention/step-N.safetensors`` (keys ``layer0``, ``layer1``...)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         window = next(self.dataset.val_batches(1, 1))
         was_training = self.model.training
@@ -234,10 +239,8 @@ class Trainer:
         folder = self.run_dir / "attention"
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{step}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({f"layer{i}": m[0].float().contiguous() for i, m in enumerate(maps)},
-                  str(tmp))
-        tmp.replace(path)
+        atomic_write_bytes(path, save({f"layer{i}": m[0].float().contiguous()
+                                       for i, m in enumerate(maps)}))
         return path
 
     # -- scaling ---------------------------------------------------------------------------
@@ -271,15 +274,14 @@ class Trainer:
         import dataclasses
 
         before = self.model.cfg
-        old_params = {id(p): p for p in self.model.parameters()}
-        old_state = self.optimizer.state
+        old_state = self.optimizer.state  # keyed by parameter: replaced ones drop out
         model = self.scaling.grow(self.model)
         if model is not self.model:
             raise BitlmError(f"scaling strategy '{self.spec.scaling.strategy.name}' returned a "
                              "new model; bitlm strategies grow the model in place")
         self.optimizer = make_optimizer(model, self.t)
         for p in model.parameters():
-            if id(p) in old_params and p in old_state:
+            if p in old_state:
                 self.optimizer.state[p] = old_state[p]
         if model.cfg.max_frames != self.dataset.seq_frames:
             self.dataset = dataclasses.replace(self.dataset, seq_frames=model.cfg.max_frames)
@@ -313,7 +315,6 @@ class Trainer:
             found[key] = (weight, metric)
         return found
 
-    @torch.no_grad()
     def telemetry_values(self, bits=None, split: str = "val") -> dict[str, float]:
         """Every telemetry metric on ``bits`` (default: a held-out batch), with the model's
         probabilities, as ``{"telemetry/<split>/<metric>": value}`` averaged over rows."""
@@ -321,23 +322,16 @@ class Trainer:
             return {}
         if bits is None:
             bits = next(self.dataset.val_batches(self.t.batch_size, 1))
-        probs = None
-        if getattr(self.objective, "causal", True):  # a non-causal model has no next-bit probs
-            was_training = self.model.training
-            self.model.eval()
-            probs = torch.softmax(self.model(bits, causal=True).float(), dim=-1)[..., 1]
-            self.model.train(was_training)
-        values = {}
-        for name, metric in self.telemetry.items():
-            try:
-                values[f"telemetry/{split}/{name}"] = float(metric(bits, probs).float().mean())
-            except BitlmError:  # a metric of the predictions, with none to give
-                continue
-        return values
+        # a non-causal model has no next-bit probabilities: metrics of them are left out
+        probs = (next_bit_probs(self.model, bits) if getattr(self.objective, "causal", True)
+                 else None)
+        return {f"telemetry/{split}/{name}": v
+                for name, v in metric_values(self.telemetry, bits, probs).items()}
 
     def telemetry_record(self, step: int) -> dict[str, float]:
-        """Telemetry on this step's training batch and on a held-out batch."""
-        train_bits, _ = self.batch(step - 1, 0)
+        """Telemetry on this step's training batch (a round trip would give the same bits) and
+        on a held-out batch."""
+        _, train_bits = self._windows(step - 1, 0)
         return {**self.telemetry_values(train_bits, "train"), **self.telemetry_values()}
 
     def check_drift(self, tel: dict[str, float], step: int):
