@@ -8,7 +8,7 @@ this module does not import torch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NoReturn, Sequence
 
 import numpy as np
 
@@ -19,12 +19,16 @@ DEFAULT_MAX_BITS = 1 << 30  # 1 G bits: 1 GiB of uint8 output
 _HARD_LIMIT = 1 << 62  # keeps every sum of lengths inside int64
 
 
-def as_bit_array(bits: Any, name: str = "bits") -> tuple[np.ndarray, bool]:
+def as_bit_array(bits: Any, name: str = "bits", check: bool = True) -> tuple[np.ndarray, bool]:
     """A torch/numpy bit tensor -> (uint8 numpy view or copy, whether it was bool).
 
     Bool inputs are viewed as uint8 without a copy (they can only hold 0 and 1); uint8 inputs
     are checked with one numpy ``max`` (much faster than a torch reduction), and anything else
     goes to :func:`bitlm_core.bits.check_bits`, which raises ``BitsError`` saying what is wrong.
+
+    ``check=False`` skips the ``max`` over uint8 input: the caller then owes every value a check
+    and calls :func:`reject_bits` when one is not 0 or 1 (``pack`` checks large inputs on a
+    second core while it packs them).
     """
     import torch
 
@@ -38,15 +42,20 @@ def as_bit_array(bits: Any, name: str = "bits") -> tuple[np.ndarray, bool]:
         arr = np.ascontiguousarray(bits)
     else:
         arr = None
-    if arr is not None and (arr.size == 0 or int(arr.max()) <= 1):
+    if arr is not None and (not check or arr.size == 0 or int(arr.max()) <= 1):
         return arr, False
+    reject_bits(bits, name)
+
+
+def reject_bits(bits: Any, name: str = "bits") -> NoReturn:
+    """Raise the error that says why ``bits`` is not a bit tensor (``BitsError``, naming it)."""
     check_bits(bits, name)  # raises BitsError naming the problem
     raise CodecError(f"{name} is not a bit tensor")  # unreachable for tensors check_bits accepts
 
 
-def one_row(bits: Any, codec: str) -> tuple[np.ndarray, bool]:
+def one_row(bits: Any, codec: str, check: bool = True) -> tuple[np.ndarray, bool]:
     """A single 1-D bit sequence, or a CodecError pointing to ``compress_batch``."""
-    arr, is_bool = as_bit_array(bits)
+    arr, is_bool = as_bit_array(bits, check=check)
     if arr.ndim != 1:
         raise CodecError(f"{codec}.compress takes one sequence of shape (L,), got shape "
                          f"{tuple(arr.shape)}; use compress_batch for several sequences")
@@ -122,8 +131,9 @@ class StreamCodec:
         default decompression limit (total bits a stream may declare); each ``decompress``
         call can override it.
     ``checksum``
-        end every stream with a CRC32 (default). Decoding follows the stream's own flag, so
-        streams written either way decode with any instance.
+        end every stream with a checksum (default; CRC-32 for ``rle``, CRC-32C for ``pack``).
+        Decoding follows the stream's own flag, so streams written either way decode with any
+        instance.
     """
 
     name: ClassVar[str]

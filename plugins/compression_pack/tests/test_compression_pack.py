@@ -8,9 +8,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from crc32c import crc32c
 
 from bitlm_core.errors import BitsError, CodecError
 from bitlm_core.testing import check_codec_contract
+from bitlm_compression_pack import codec as codec_module
 from bitlm_compression_pack.codec import (MAGIC, PackCodec, compress, compress_batch,
                                           decompress, decompress_batch, stats)
 
@@ -19,10 +21,12 @@ def bits(*values: int, dtype=torch.uint8) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype)
 
 
-def stream(flags: int, *fields: bytes, crc: bool = False) -> bytes:
+def stream(flags: int, *fields: bytes, crc: bool = False, version: int = 2) -> bytes:
     """Hand-build a pack stream (flags without the CRC bit unless crc=True)."""
-    body = MAGIC + bytes([1, flags | (0x04 if crc else 0)]) + b"".join(fields)
-    return body + struct.pack("<I", zlib.crc32(body)) if crc else body
+    body = MAGIC + bytes([version, flags | (0x04 if crc else 0)]) + b"".join(fields)
+    if not crc:
+        return body
+    return body + struct.pack("<I", crc32c(body) if version == 2 else zlib.crc32(body))
 
 
 def u64(*values: int) -> bytes:
@@ -48,16 +52,31 @@ def test_contract_without_checksum():
 # -- the byte format ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("values, expected", [
-    ([], "4250414b 0100 0000000000000000"),
-    ([1], "4250414b 0100 0100000000000000 80"),
-    ([1, 0, 1, 1, 0, 0, 1, 0, 1], "4250414b 0100 0900000000000000 b2 80"),
+    ([], "4250414b 0200 0000000000000000"),
+    ([1], "4250414b 0200 0100000000000000 80"),
+    ([1, 0, 1, 1, 0, 0, 1, 0, 1], "4250414b 0200 0900000000000000 b2 80"),
 ])
 def test_known_encodings(values, expected):
     data = compress(torch.tensor(values, dtype=torch.uint8), checksum=False)
     assert data.hex() == expected.replace(" ", "")
     with_crc = compress(torch.tensor(values, dtype=torch.uint8))
     assert with_crc[5] == 0x04 and with_crc[6:-4] == data[6:]
-    assert struct.unpack("<I", with_crc[-4:])[0] == zlib.crc32(with_crc[:-4])
+    assert struct.unpack("<I", with_crc[-4:])[0] == crc32c(with_crc[:-4])
+
+
+def test_checksum_is_crc32c():
+    assert crc32c(b"123456789") == 0xE3069283  # the published CRC-32C check value
+
+
+def test_version_1_streams_with_zlib_crc32_still_decode():
+    old = stream(0, u64(9), b"\xb2\x80", crc=True, version=1)
+    assert decompress(old).tolist() == [1, 0, 1, 1, 0, 0, 1, 0, 1]
+    corrupted = bytearray(old)
+    corrupted[14] ^= 0x01
+    with pytest.raises(CodecError, match="checksum"):
+        decompress(bytes(corrupted))
+    with pytest.raises(CodecError, match="checksum"):  # a v2 stream is not checked with CRC-32
+        decompress(old[:4] + b"\x02" + old[5:])
 
 
 def test_payload_is_numpy_packbits():
@@ -101,6 +120,44 @@ def test_bad_input_is_rejected():
         compress_batch([bits(0), bits(1, dtype=torch.bool)])
 
 
+@pytest.fixture
+def parallel_check(monkeypatch):
+    """Make the second-core value check run on small inputs, whatever this machine has."""
+    monkeypatch.setattr(codec_module, "PARALLEL_CHECK_BITS", 64)
+    monkeypatch.setattr(codec_module, "_usable_cores", lambda: 2)
+
+
+def test_value_check_on_a_second_core(parallel_check):
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2, 1000, dtype=np.uint8)
+    data = compress(torch.from_numpy(a))
+    assert data[14:-4] == np.packbits(a).tobytes()
+    assert decompress(data).tolist() == a.tolist()
+    a[-1] = 2  # found by the worker thread, after the main thread has packed
+    with pytest.raises(BitsError):
+        compress(torch.from_numpy(a))
+    assert codec_module._checker is not None  # the path under test did run
+
+
+def test_a_forked_child_starts_its_own_checker(parallel_check):
+    import multiprocessing
+
+    compress(bits(*[1] * 100))  # the parent's worker thread exists now
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_compress_and_check)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("compress hung in a forked child (it waited for the parent's thread)")
+    assert child.exitcode == 0
+
+
+def _compress_and_check() -> None:
+    data = compress(bits(*[1, 0] * 50))
+    raise SystemExit(0 if decompress(data).tolist() == [1, 0] * 50 else 1)
+
+
 # -- hostile streams ----------------------------------------------------------------------
 
 def test_decompression_bomb_is_refused_before_allocating():
@@ -129,9 +186,9 @@ def test_structural_corruption_is_named():
     with pytest.raises(CodecError, match="version"):
         decompress(MAGIC + b"\x07\x00" + u64(0))
     with pytest.raises(CodecError, match="unknown flag"):
-        decompress(MAGIC + b"\x01\x10" + u64(0))
+        decompress(MAGIC + b"\x02\x10" + u64(0))
     with pytest.raises(CodecError, match="truncated"):
-        decompress(MAGIC + b"\x01\x04" + u64(0))  # says CRC, has none
+        decompress(MAGIC + b"\x02\x04" + u64(0))  # says CRC, has none
     with pytest.raises(CodecError, match="decompress_batch"):
         decompress(compress_batch([bits(1)]))
     with pytest.raises(CodecError, match="use decompress"):

@@ -13,6 +13,6 @@ def bitlm_compressors():
     yield CompressorSpec(
         "pack",
         PackCodec,
-        "8 bits per byte (numpy packbits order) + bit count and CRC32; 8x smaller than a uint8 "
+        "8 bits per byte (numpy packbits order) + bit count and CRC-32C; 8x smaller than a uint8 "
         "bit tensor, never smaller than the bits themselves",
     )
