@@ -121,9 +121,10 @@ def to_tensor(arr: np.ndarray, is_bool: bool):
 class StreamCodec:
     """A codec object over module-level functions, with the options a spec can set.
 
-    Subclasses set ``name``, ``magic`` (the bytes every stream starts with) and the five functions as static methods (``encode(bits,
-    checksum)``, ``decode(data, max_bits)``, ``encode_batch(seqs, checksum)``,
-    ``decode_batch(data, max_bits)``, ``measure(bits, checksum)``).
+    Subclasses set ``name``, ``magic`` (the bytes every stream starts with) and the five
+    functions as static methods (``encode(bits, checksum)``, ``decode(data, max_bits)``,
+    ``encode_batch(seqs, checksum)``, ``decode_batch(data, max_bits)``,
+    ``measure(bits, checksum)``).
 
     Options (bound from a run spec's ``compression.options``):
 
