@@ -89,13 +89,11 @@ def build_model(spec: RunSpec, comps: Components):
 
 
 def fit_to_checkpoint(model, saved: dict[str, Any]) -> None:
-    """Grow a model built from the spec to the context a checkpoint was saved with (a run whose
-    ``scaling.strategy`` grew it). The saved config is JSON data; nothing is evaluated."""
-    from bitlm_core.longcontext import expand_positional_encoding
+    """Grow a model built from the spec to the size a checkpoint was saved at (a run whose
+    ``scaling.strategy`` grew its context, depth or width). Nothing saved is evaluated."""
+    from bitlm_core.growth import fit_to_config
 
-    frames = (saved.get("model_config") or {}).get("max_frames")
-    if isinstance(frames, int) and frames > model.cfg.max_frames:
-        expand_positional_encoding(model, frames)
+    fit_to_config(model, saved.get("model_config"))
 
 
 # -- run folders ----------------------------------------------------------------------------
@@ -149,9 +147,10 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     set_threads(spec.train.threads)
     dataset, train_text = load_dataset(spec, comps, run_dir)
     model = build_model(spec, comps)
+    attention = getattr(comps.attention, "name", spec.attention.name)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
-        f"parameters, attention {getattr(comps.attention, 'name', spec.attention.name)}  |  {dataset.train.n_frames:,} training bytes, {dataset.val.n_frames:,} "
-        f"held-out")
+        f"parameters, attention {attention}  |  {dataset.train.n_frames:,} training bytes, "
+        f"{dataset.val.n_frames:,} held-out")
 
     def meta(state: TrainState) -> dict[str, Any]:
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),

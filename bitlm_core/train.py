@@ -270,19 +270,21 @@ class Trainer:
         return True
 
     def grow(self, state: TrainState) -> None:
-        """Apply the strategy; carry the optimizer state of every parameter that survived."""
+        """Apply the strategy; carry the optimizer state of every parameter that survived, and
+        of the trained part of every parameter it enlarged."""
         import dataclasses
 
+        from bitlm_core.growth import carry_optimizer_state
+
         before = self.model.cfg
-        old_state = self.optimizer.state  # keyed by parameter: replaced ones drop out
+        old_state = self.optimizer.state  # keyed by parameter
+        old_params = dict(self.model.named_parameters())
         model = self.scaling.grow(self.model)
         if model is not self.model:
             raise BitlmError(f"scaling strategy '{self.spec.scaling.strategy.name}' returned a "
                              "new model; bitlm strategies grow the model in place")
         self.optimizer = make_optimizer(model, self.t)
-        for p in model.parameters():
-            if p in old_state:
-                self.optimizer.state[p] = old_state[p]
+        carry_optimizer_state(old_state, old_params, model, self.optimizer.state)
         if model.cfg.max_frames != self.dataset.seq_frames:
             self.dataset = dataclasses.replace(self.dataset, seq_frames=model.cfg.max_frames)
         m = state.metrics

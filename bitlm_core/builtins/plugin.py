@@ -64,7 +64,11 @@ def bitlm_samplers():
 
 @hookimpl
 def bitlm_scaling_strategies():
-    from bitlm_core.builtins.scaling import ContextGrowth
+    from bitlm_core.builtins.scaling import ContextGrowth, DepthGrowth, WidthGrowth
 
     yield ScalingStrategySpec("context", ContextGrowth,
                               "on a plateau, multiply the context (outputs on the old one kept)")
+    yield ScalingStrategySpec("depth", DepthGrowth,
+                              "on a plateau, add blocks that start as the identity")
+    yield ScalingStrategySpec("width", WidthGrowth,
+                              "on a plateau, multiply feed-forward units (new ones start silent)")
