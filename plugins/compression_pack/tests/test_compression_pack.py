@@ -75,8 +75,11 @@ def test_version_1_streams_with_zlib_crc32_still_decode():
     corrupted[14] ^= 0x01
     with pytest.raises(CodecError, match="checksum"):
         decompress(bytes(corrupted))
+    v2_body = MAGIC + bytes([2, 0x04]) + u64(9) + b"\xb2\x80"
     with pytest.raises(CodecError, match="checksum"):  # a v2 stream is not checked with CRC-32
-        decompress(old[:4] + b"\x02" + old[5:])
+        decompress(v2_body + struct.pack("<I", zlib.crc32(v2_body)))
+    assert decompress(v2_body + struct.pack("<I", crc32c(v2_body))).tolist() == [
+        1, 0, 1, 1, 0, 0, 1, 0, 1]
 
 
 def test_payload_is_numpy_packbits():
@@ -127,7 +130,17 @@ def parallel_check(monkeypatch):
     monkeypatch.setattr(codec_module, "_usable_cores", lambda: 2)
 
 
-def test_value_check_on_a_second_core(parallel_check):
+def test_value_check_on_a_second_core(parallel_check, monkeypatch):
+    import threading
+
+    checked_on = []
+    real = codec_module._max_value
+
+    def recording(cat):
+        checked_on.append(threading.current_thread().name)
+        return real(cat)
+
+    monkeypatch.setattr(codec_module, "_max_value", recording)
     rng = np.random.default_rng(3)
     a = rng.integers(0, 2, 1000, dtype=np.uint8)
     data = compress(torch.from_numpy(a))
@@ -136,7 +149,21 @@ def test_value_check_on_a_second_core(parallel_check):
     a[-1] = 2  # found by the worker thread, after the main thread has packed
     with pytest.raises(BitsError):
         compress(torch.from_numpy(a))
-    assert codec_module._checker is not None  # the path under test did run
+    assert len(checked_on) == 2 and all(n.startswith("bitlm-pack-check") for n in checked_on)
+    compress(torch.from_numpy(a[:63] % 2))  # under PARALLEL_CHECK_BITS: checked in line
+    assert len(checked_on) == 2
+
+
+def test_value_check_falls_back_in_line_when_no_worker_can_take_it(parallel_check,
+                                                                    monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gone = ThreadPoolExecutor(1)
+    gone.shutdown()  # as at interpreter shutdown: submit raises RuntimeError
+    monkeypatch.setattr(codec_module, "_checker", gone)
+    assert decompress(compress(bits(*[1, 0] * 50))).tolist() == [1, 0] * 50
+    with pytest.raises(BitsError):
+        compress(torch.tensor([0, 1] * 50 + [2], dtype=torch.uint8))
 
 
 def test_a_forked_child_starts_its_own_checker(parallel_check):

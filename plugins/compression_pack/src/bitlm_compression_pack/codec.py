@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -74,12 +75,30 @@ __all__ = ["PackCodec", "compress", "decompress", "compress_batch", "decompress_
 PARALLEL_CHECK_BITS = 1 << 22
 
 _checker: ThreadPoolExecutor | None = None
+_checker_lock = threading.Lock()
 
 
 def _forget_checker() -> None:
     """After fork: the child has no worker thread, so it must start its own."""
+    global _checker, _checker_lock
+    _checker, _checker_lock = None, threading.Lock()
+
+
+def _max_value(cat: np.ndarray) -> int:
+    return int(cat.max())
+
+
+def _check_in_background(cat: np.ndarray) -> Future | None:
+    """``cat.max()`` on the worker thread, or None when no worker can take it (interpreter
+    shutting down): the caller then checks in line."""
     global _checker
-    _checker = None
+    with _checker_lock:
+        if _checker is None:
+            _checker = ThreadPoolExecutor(1, thread_name_prefix="bitlm-pack-check")
+        try:
+            return _checker.submit(_max_value, cat)
+        except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+            return None
 
 
 if hasattr(os, "register_at_fork"):
@@ -95,14 +114,11 @@ def _usable_cores() -> int:
 def _encode(header: bytes, cat: np.ndarray, checksum: bool, unchecked: Any = None) -> bytes:
     """Header + packed bits (+ CRC-32C). ``unchecked``: the caller's input, when ``cat`` still
     has to be checked for values other than 0 and 1 (it is named in the error)."""
-    global _checker
     pending = None
     if unchecked is not None and cat.size:
         if cat.size >= PARALLEL_CHECK_BITS and _usable_cores() > 1:
-            if _checker is None:
-                _checker = ThreadPoolExecutor(1, thread_name_prefix="bitlm-pack-check")
-            pending = _checker.submit(cat.max)
-        elif cat.max() > 1:
+            pending = _check_in_background(cat)
+        if pending is None and cat.max() > 1:
             reject_bits(unchecked)
     payload = np.packbits(cat)
     crc = crc32c(payload, crc32c(header)) if checksum else None
