@@ -31,8 +31,7 @@ RUNS = {
     "2 -> 4 blocks (depth; init random)": (
         {"n_layers": 2},
         {"name": "depth", "options": {"add": 2, "max_layers": 4, "init": "random"}}),
-    "d_ff 256": ({"n_layers": 4, "d_ff": 256}, None),
-    "d_ff 512": ({"n_layers": 4, "d_ff": 512}, None),
+    "d_ff 256": ({"n_layers": 4, "d_ff": 256}, None),  # "4 blocks" has d_ff 512 (4 x d_model)
     "d_ff 256 -> 512 (width)": ({"n_layers": 4, "d_ff": 256},
                                 {"name": "width", "options": {"factor": 2, "max_d_ff": 512}}),
     "d_ff 256 -> 512 (width; init random)": (

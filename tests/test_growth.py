@@ -180,6 +180,7 @@ def test_optimizer_state_follows_the_trained_part_of_grown_tensors():
     before = dict(m.named_parameters())
     old_fc = before["blocks.0.mlp.fc.weight"]
     old_moment = opt.state[old_fc]["exp_avg"].clone()
+    old_sq = opt.state[old_fc]["exp_avg_sq"].clone()
     ln_state = opt.state[before["ln_f.weight"]]
     widen_feedforward(m, 96)
     add_layers(m, 1)
@@ -190,9 +191,10 @@ def test_optimizer_state_follows_the_trained_part_of_grown_tensors():
     assert kept == len(with_state)  # every one: survived or enlarged
     after = dict(m.named_parameters())
     assert new_opt.state[after["ln_f.weight"]] is ln_state  # survived: the same state
-    grown = new_opt.state[after["blocks.0.mlp.fc.weight"]]["exp_avg"]
-    assert grown.shape == (96, 32)
-    assert torch.equal(grown[:64], old_moment) and not grown[64:].any()
+    grown = new_opt.state[after["blocks.0.mlp.fc.weight"]]
+    assert grown["exp_avg"].shape == (96, 32)
+    assert torch.equal(grown["exp_avg"][:64], old_moment) and not grown["exp_avg"][64:].any()
+    assert torch.equal(grown["exp_avg_sq"][:64], old_sq) and not grown["exp_avg_sq"][64:].any()
     assert new_opt.state[after["pos.weight"]]["exp_avg"].shape == after["pos.weight"].shape
     assert after["blocks.2.attn.proj.weight"] not in new_opt.state  # new: starts fresh
     m(BITS).sum().backward()
