@@ -2,7 +2,8 @@
 
 Layout inside a run folder::
 
-    checkpoints/step-000200/model.safetensors      model weights
+    checkpoints/step-000200/model.safetensors      model weights (float, or int8 with row
+                                                   scales after `bitlm quantize`)
     checkpoints/step-000200/optimizer.safetensors  AdamW moments (tensors only)
     checkpoints/step-000200/state.json             step, model config, resolved spec, metrics,
                                                    optimizer hyper-parameters
@@ -83,7 +84,13 @@ def restore_optimizer(optimizer, tensors: dict[str, Any], groups: list[dict[str,
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, weights: dict[str, Any] | None = None,
+                    weights_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically and point ``latest`` at it.
+
+    ``weights`` replaces the model's own state dict (a quantized run saves int8 tensors);
+    ``weights_metadata`` goes into the safetensors header (strings only).
+    """
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -92,8 +99,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    if weights is None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
         tensors, groups = optimizer_tensors(optimizer)
@@ -140,13 +148,27 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(ckpt: Path, model) -> None:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from bitlm_core.quantize import METADATA_KEY, SCHEME, dequantize_state
+
+    path = str(ckpt / "model.safetensors")
     try:
-        weights = load_file(str(ckpt / "model.safetensors"))
+        with safe_open(path, framework="pt") as f:
+            scheme = (f.metadata() or {}).get(METADATA_KEY)
+        weights = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
+    if scheme == SCHEME:
+        weights = dequantize_state(weights, str(ckpt))
+    elif scheme is not None:
+        raise CheckpointError(f"{ckpt} holds weights in the format {scheme!r}, which this "
+                              f"bitlm cannot read (it reads float and {SCHEME!r}); upgrade "
+                              "bitlm-core")
+    elif any(not t.is_floating_point() for t in weights.values()):
+        raise CheckpointError(f"{ckpt} holds integer weight tensors but does not say how they "
+                              "were quantized; the file is damaged or not written by bitlm")
     missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(
         model.state_dict())
     if missing or unexpected:
@@ -166,6 +188,10 @@ def load_optimizer(ckpt: Path, optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     path = ckpt / "optimizer.safetensors"
+    if state.get("quantized"):
+        raise CheckpointError(f"{ckpt} holds weights quantized by `bitlm quantize` and no "
+                              "optimizer state: it is for eval and sample. Train on from the "
+                              "original run folder")
     if not path.is_file():
         raise CheckpointError(f"{ckpt} has no optimizer state; cannot resume training from it")
     restore_optimizer(optimizer, load_file(str(path)), state["optimizer_param_groups"])

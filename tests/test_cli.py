@@ -473,6 +473,26 @@ def test_fast_commands_never_import_torch(argv, env):
 
 
 # -- eval -----------------------------------------------------------------------------------
+def test_quantize_writes_a_run_that_eval_and_sample_read(trained, tmp_path):
+    q = tmp_path / "q"
+    made = cli("quantize", trained.run_dir, "--out", q, "--json")
+    assert made.returncode == 0, made.stderr
+    report = json.loads(made.stdout)
+    assert report["scheme"] == "int8-rowwise" and report["bytes_after"] < report["bytes_before"]
+    original, quantized, sampled, again = cli_parallel(
+        ["eval", trained.run_dir, "--text", trained.corpus, "--json"],
+        ["eval", q, "--text", trained.corpus, "--json"],
+        ["sample", q, "--prompt", "the ", "--bytes", "8"],
+        ["quantize", trained.run_dir, "--out", q],
+    )
+    assert original.returncode == quantized.returncode == sampled.returncode == 0, (
+        quantized.stderr + sampled.stderr)
+    delta = (json.loads(quantized.stdout)["bits_per_byte"]
+             - json.loads(original.stdout)["bits_per_byte"])
+    assert abs(delta) < 0.01
+    assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_eval(trained, tmp_path):
     text = tmp_path / "text.txt"
     text.write_bytes("the cat sat on the mat. héllo wörld — ✓ ünïcode\n".encode() * 3)
