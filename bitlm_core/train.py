@@ -189,6 +189,9 @@ class Trainer:
                     self._accumulate("direct", {"loss": float(direct.loss.detach()),
                                                 "bits_per_byte": direct.bits_per_byte})
             self._accumulate(kind, split)
+            figures = {k: v for k, v in out.extras.items() if k != "accuracy"}
+            if figures:  # the objective's own figures: objective/distill_kl, ...
+                self._accumulate("objective", figures)
             (loss / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
@@ -216,7 +219,7 @@ class Trainer:
             for k, v in acc.items():
                 key = f"direct_{k}" if kind == "direct" else f"{kind}/{k}"
                 flat[key] = v / n
-            if kind not in ("direct", "reg"):
+            if kind not in ("direct", "reg", "objective"):
                 flat[f"{kind}/batches"] = n
         self._window = {}
         return flat

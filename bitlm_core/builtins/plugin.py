@@ -49,9 +49,11 @@ def bitlm_corpora():
 
 @hookimpl
 def bitlm_objectives():
-    from bitlm_core.builtins.objectives import CausalObjective
+    from bitlm_core.builtins.objectives import CausalObjective, DistillObjective
 
     yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy (bits per byte)")
+    yield ObjectiveSpec("distill", DistillObjective,
+                        "next-bit cross-entropy plus agreement with a trained teacher run")
 
 
 @hookimpl
