@@ -166,8 +166,8 @@ def load_weights(ckpt: Path, model) -> None:
         raise CheckpointError(f"{ckpt} holds weights in the format {scheme!r}, which this "
                               f"bitlm cannot read (it reads float and {SCHEME!r}); upgrade "
                               "bitlm-core")
-    elif any(not t.is_floating_point() for t in weights.values()):
-        raise CheckpointError(f"{ckpt} holds integer weight tensors but does not say how they "
+    elif any(str(t.dtype) == "torch.int8" for t in weights.values()):
+        raise CheckpointError(f"{ckpt} holds int8 weight tensors but does not say how they "
                               "were quantized; the file is damaged or not written by bitlm")
     missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(
         model.state_dict())

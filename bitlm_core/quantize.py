@@ -72,9 +72,12 @@ def dequantize_state(tensors: dict[str, Any], source: str) -> dict[str, Any]:
 def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     """Write a quantized copy of run folder ``src`` (its newest checkpoint) into ``dst``.
 
-    ``dst`` must not exist or be empty; with ``force``, an existing run folder there (one with a
-    ``spec.yaml``) is replaced. Returns what was done: tensors quantized, bytes before and after.
+    ``dst`` must not exist or be an empty folder; with ``force``, a quantized run folder there
+    (written by this function) is replaced, nothing else. The new folder is built beside
+    ``dst`` and renamed into place, so an interrupted call leaves no half-written run. Returns
+    what was done: tensors quantized, bytes before and after.
     """
+    import os
     import shutil
     from pathlib import Path
 
@@ -83,26 +86,61 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
 
     src, dst = Path(src), Path(dst)
     run = load_run(src)  # checks src and that its weights fit the model its spec builds
-    if dst.resolve() == src.resolve():
-        raise CheckpointError("the quantized run needs a folder of its own: give --out")
-    if dst.exists() and any(dst.iterdir()):
-        if not (force and (dst / SPEC_FILE).is_file()):
-            raise CheckpointError(f"{dst} exists and is not empty; choose another folder"
-                                  + ("" if force else ", or pass --force to replace a run "
-                                     "folder there"))
-        shutil.rmtree(dst)
     ckpt = latest_checkpoint(src)
     state = read_state(ckpt)
+    if state["step"] != run.step:
+        raise CheckpointError(f"{src} got a new checkpoint while it was read (is it still "
+                              "training?); run bitlm quantize again")
+    if state.get("quantized"):
+        raise CheckpointError(f"{src} is already quantized; quantize the original run")
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise CheckpointError(f"--out {dst} must be a folder of its own, neither {src} nor "
+                              "inside it nor around it")
+    if dst.exists():
+        if not dst.is_dir():
+            raise CheckpointError(f"--out {dst} is a file; give a folder")
+        if any(dst.iterdir()) and not (force and _is_quantized_run(dst)):
+            raise CheckpointError(
+                f"{dst} exists and is not empty; choose another folder"
+                + (" (--force only replaces a folder written by bitlm quantize)" if force
+                   else ", or pass --force to replace a quantized run there"))
     tensors, names = quantize_state(run.model.state_dict())
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / SPEC_FILE, dst / SPEC_FILE)
-    meta = {k: v for k, v in state.items()
-            if k not in ("format", "version", "step", "optimizer_param_groups")}
-    meta.update(quantized=SCHEME, quantized_from=str(ckpt.resolve()))
-    out = save_checkpoint(dst, state["step"], run.model, None, meta, keep=1, weights=tensors,
-                          weights_metadata={METADATA_KEY: SCHEME})
-    before = (ckpt / "model.safetensors").stat().st_size
-    after = (out / "model.safetensors").stat().st_size
-    return {"source": str(ckpt), "checkpoint": str(out), "step": state["step"],
-            "scheme": SCHEME, "quantized_tensors": len(names),
-            "tensors": len(run.model.state_dict()), "bytes_before": before, "bytes_after": after}
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        shutil.copyfile(src / SPEC_FILE, tmp / SPEC_FILE)
+        meta = {k: v for k, v in state.items()
+                if k not in ("format", "version", "step", "optimizer_param_groups")}
+        meta.update(quantized=SCHEME, quantized_from=f"{src.name}/{ckpt.name}")
+        out = save_checkpoint(tmp, state["step"], run.model, None, meta, keep=1,
+                              weights=tensors, weights_metadata={METADATA_KEY: SCHEME})
+        after = (out / "model.safetensors").stat().st_size
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"source": str(ckpt), "checkpoint": str(dst / "checkpoints" / out.name),
+            "step": state["step"], "scheme": SCHEME, "quantized_tensors": len(names),
+            "tensors": len(run.model.state_dict()),
+            "bytes_before": (ckpt / "model.safetensors").stat().st_size, "bytes_after": after}
+
+
+def _is_quantized_run(folder: Any) -> bool:
+    """A folder this module wrote: a spec and a newest checkpoint marked as quantized."""
+    from bitlm_core.checkpoint import latest_checkpoint, read_state
+    from bitlm_core.run import SPEC_FILE
+
+    if not (folder / SPEC_FILE).is_file():
+        return False
+    ckpt = latest_checkpoint(folder)
+    try:
+        return ckpt is not None and bool(read_state(ckpt).get("quantized"))
+    except CheckpointError:
+        return False

@@ -189,9 +189,9 @@ class Trainer:
                     self._accumulate("direct", {"loss": float(direct.loss.detach()),
                                                 "bits_per_byte": direct.bits_per_byte})
             self._accumulate(kind, split)
-            figures = {k: v for k, v in out.extras.items() if k != "accuracy"}
-            if figures:  # the objective's own figures: objective/distill_kl, ...
-                self._accumulate("objective", figures)
+            for key, value in out.extras.items():  # the objective's own: objective/distill_kl
+                if key != "accuracy" and isinstance(value, (int, float)):
+                    self._accumulate(f"objective/{key}", {key: float(value)})  # own count each
             (loss / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
@@ -217,9 +217,10 @@ class Trainer:
         for kind, acc in self._window.items():
             n = acc.pop("batches")
             for k, v in acc.items():
-                key = f"direct_{k}" if kind == "direct" else f"{kind}/{k}"
+                key = (f"direct_{k}" if kind == "direct" else kind
+                       if kind.startswith("objective/") else f"{kind}/{k}")
                 flat[key] = v / n
-            if kind not in ("direct", "reg", "objective"):
+            if kind not in ("direct", "reg") and not kind.startswith("objective/"):
                 flat[f"{kind}/batches"] = n
         self._window = {}
         return flat

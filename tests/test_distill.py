@@ -12,7 +12,7 @@ import torch
 from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.builtins.encoders import Parity9Encoder
 from bitlm_core.builtins.objectives import CausalObjective, DistillObjective
-from bitlm_core.errors import CheckpointError, SpecError
+from bitlm_core.errors import SpecError
 from bitlm_core.model import BitTransformerLM, ModelConfig
 
 BITS = Parity9Encoder().encode(b"It is a truth universally acknowledged").view(1, -1)
@@ -112,5 +112,31 @@ def test_a_teacher_that_does_not_fit_is_named(tmp_path, tiny_spec, teacher_run):
     with pytest.raises(SpecError, match="context"):
         student("long", objective=distill, data={"seq_len": 32})()
     missing = {"name": "distill", "options": {"teacher": str(tmp_path / "nothing")}}
-    with pytest.raises(CheckpointError, match="not a bitlm run folder"):
+    with pytest.raises(SpecError, match="distill teacher: .*not a bitlm run folder"):
         student("missing", objective=missing)()
+
+
+def test_a_resumed_student_ends_like_an_uninterrupted_one(tmp_path, tiny_spec, teacher_run):
+    """Loading the teacher (which seeds torch) must not move the student's random stream."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bitlm_core.run import execute
+    from bitlm_core.spec import load_spec
+
+    spec = load_spec(tiny_spec(steps=4, objective={"name": "distill", "options": {
+        "teacher": str(teacher_run)}}, model={"dropout": 0.2}, train={"grad_accum": 2},
+        output={"keep_checkpoints": 10}))
+    execute(spec, tmp_path / "straight", log=lambda m: None)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step-000002\n")
+    execute(spec, tmp_path / "resumed", log=lambda m: None)  # loads the teacher at step 3
+
+    def weights(run):
+        return load_file(str(tmp_path / run / "checkpoints" / "step-000004"
+                             / "model.safetensors"))
+
+    a, b = weights("straight"), weights("resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)

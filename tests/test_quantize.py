@@ -95,6 +95,20 @@ def test_quantize_refuses_to_overwrite_without_force(tmp_path, trained_run):
     with pytest.raises(CheckpointError, match="not empty"):
         quantize_run(run_dir, tmp_path / "other", force=True)  # not a run folder: never removed
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "another")
+    with pytest.raises(CheckpointError, match="only replaces a folder written by bitlm quantize"):
+        quantize_run(run_dir, tmp_path / "another", force=True)  # a training run: never replaced
+    with pytest.raises(CheckpointError, match="already quantized"):
+        quantize_run(tmp_path / "q", tmp_path / "qq")
+    with pytest.raises(CheckpointError, match="inside it nor around it"):
+        quantize_run(run_dir, run_dir.parent, force=True)  # would delete the source
+    assert (run_dir / "spec.yaml").is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        quantize_run(run_dir, tmp_path / "file")
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary folders left behind
 
 
 def test_integer_weights_without_a_scheme_are_refused(tmp_path, trained_run):
@@ -107,5 +121,5 @@ def test_integer_weights_without_a_scheme_are_refused(tmp_path, trained_run):
     quantize_run(run_dir, tmp_path / "q")
     path = latest_checkpoint(tmp_path / "q") / "model.safetensors"
     save_file(load_file(str(path)), str(path))  # the same tensors, the header's scheme gone
-    with pytest.raises(CheckpointError, match="integer weight tensors"):
+    with pytest.raises(CheckpointError, match="int8 weight tensors"):
         load_run(tmp_path / "q")

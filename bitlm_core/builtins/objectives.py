@@ -63,10 +63,18 @@ class DistillObjective:
     def teacher(self, model):
         """The teacher model, loaded once (never unpickled) and checked against the student."""
         if self._teacher is None:
-            from bitlm_core.errors import SpecError
+            import torch
+
+            from bitlm_core.errors import BitlmError, SpecError
             from bitlm_core.run import load_run
 
-            run = load_run(self.teacher_dir)
+            # building the teacher seeds torch's generator: keep the student's stream intact,
+            # so a resumed run draws the same dropout as an uninterrupted one
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    run = load_run(self.teacher_dir)
+                except BitlmError as exc:
+                    raise SpecError(f"distill teacher: {exc}") from None
             if not getattr(run.comps.objective, "causal", True):
                 raise SpecError(f"distill teacher {self.teacher_dir} was trained with objective "
                                 f"'{run.spec.objective.name}'; a teacher must be causal")
