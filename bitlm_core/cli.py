@@ -307,7 +307,8 @@ def quantize(
     run_dir: Path = typer.Argument(..., help="Run folder written by `bitlm run`."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the quantized run (new or "
                                  "empty)."),
-    force: bool = typer.Option(False, "--force", help="Replace a run folder already at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace a quantized run already at --out "
+                               "(never a training run or other files)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Store a run's weight matrices as int8 (one scale per row), about 4x smaller.

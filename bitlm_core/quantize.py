@@ -93,6 +93,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
                               "training?); run bitlm quantize again")
     if state.get("quantized"):
         raise CheckpointError(f"{src} is already quantized; quantize the original run")
+    before = (ckpt / "model.safetensors").stat().st_size
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise CheckpointError(f"--out {dst} must be a folder of its own, neither {src} nor "
@@ -129,7 +130,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     return {"source": str(ckpt), "checkpoint": str(dst / "checkpoints" / out.name),
             "step": state["step"], "scheme": SCHEME, "quantized_tensors": len(names),
             "tensors": len(run.model.state_dict()),
-            "bytes_before": (ckpt / "model.safetensors").stat().st_size, "bytes_after": after}
+            "bytes_before": before, "bytes_after": after}
 
 
 def _is_quantized_run(folder: Any) -> bool:
