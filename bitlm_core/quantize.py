@@ -81,16 +81,12 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     import shutil
     from pathlib import Path
 
-    from bitlm_core.checkpoint import latest_checkpoint, read_state, save_checkpoint
+    from bitlm_core.checkpoint import save_checkpoint
     from bitlm_core.run import SPEC_FILE, load_run
 
     src, dst = Path(src), Path(dst)
     run = load_run(src)  # checks src and that its weights fit the model its spec builds
-    ckpt = latest_checkpoint(src)
-    state = read_state(ckpt)
-    if state["step"] != run.step:
-        raise CheckpointError(f"{src} got a new checkpoint while it was read (is it still "
-                              "training?); run bitlm quantize again")
+    ckpt, state = run.checkpoint, run.state  # the one checkpoint the weights came from
     if state.get("quantized"):
         raise CheckpointError(f"{src} is already quantized; quantize the original run")
     before = (ckpt / "model.safetensors").stat().st_size

@@ -219,6 +219,8 @@ class LoadedRun:
     comps: Components
     model: Any
     step: int
+    checkpoint: Path  # the step folder the weights came from
+    state: dict[str, Any]  # its state.json
 
 
 def load_run(run_dir: Path | str) -> LoadedRun:
@@ -241,7 +243,7 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     fit_to_checkpoint(model, state)
     load_weights(ckpt, model)
     model.eval()
-    return LoadedRun(run_dir, spec, comps, model, state["step"])
+    return LoadedRun(run_dir, spec, comps, model, state["step"], ckpt, state)
 
 
 def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 16,

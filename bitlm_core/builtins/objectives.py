@@ -20,14 +20,20 @@ class CausalObjective:
     causal = True
 
     def __call__(self, model, bits) -> ObjectiveOutput:
-        import torch.nn.functional as F
+        return next_bit_output(model, bits)[1]
 
-        logits = model(bits, causal=True)  # (B, L, 2)
-        loss = F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1).long())
-        accuracy = float((logits.detach().argmax(-1) == bits).float().mean())
-        return ObjectiveOutput(loss=loss, bits_per_byte=float(loss.detach()) * model.frame_bits / LN2,
-                               extras={"accuracy": accuracy},
-                               probs=logits.float().softmax(dim=-1)[..., 1])
+
+def next_bit_output(model, bits):
+    """One causal pass -> (float32 logits (B, L, 2), the ``causal`` objective's output)."""
+    import torch.nn.functional as F
+
+    logits = model(bits, causal=True).float()  # (B, L, 2)
+    loss = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1).long())
+    accuracy = float((logits.detach().argmax(-1) == bits).float().mean())
+    return logits, ObjectiveOutput(loss=loss,
+                                   bits_per_byte=float(loss.detach()) * model.frame_bits / LN2,
+                                   extras={"accuracy": accuracy},
+                                   probs=logits.softmax(dim=-1)[..., 1])
 
 
 class DistillObjective:
@@ -93,10 +99,7 @@ class DistillObjective:
 
         from bitlm_core.errors import SpecError
 
-        logits = model(bits, causal=True).float()  # (B, L, 2)
-        ce = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1).long())
-        extras = {"accuracy": float((logits.detach().argmax(-1) == bits).float().mean())}
-        loss = ce
+        logits, out = next_bit_output(model, bits)  # bits_per_byte: the student's own CE
         if model.training and self.alpha > 0:
             teacher = self.teacher(model)
             frames = bits.size(-1) // model.frame_bits
@@ -109,7 +112,6 @@ class DistillObjective:
             log_student = F.log_softmax(logits / self.temperature, dim=-1)
             kl = F.kl_div(log_student.reshape(-1, 2), target.reshape(-1, 2),
                           reduction="batchmean")
-            loss = (1 - self.alpha) * ce + self.alpha * self.temperature ** 2 * kl
-            extras["distill_kl"] = float(kl.detach())
-        return ObjectiveOutput(loss=loss, bits_per_byte=float(ce.detach()) * model.frame_bits / LN2,
-                               extras=extras, probs=logits.softmax(dim=-1)[..., 1])
+            out.loss = (1 - self.alpha) * out.loss + self.alpha * self.temperature ** 2 * kl
+            out.extras["distill_kl"] = float(kl.detach())
+        return out
