@@ -90,7 +90,10 @@ def test_forward_on_a_stream_equals_forward_on_its_bits(layout):
         for name in ("rle", "pack"):
             c = codec(name)
             single = forward_compressed(model, c.compress(bits[1]), c)
-            assert torch.equal(single, expected[1:2])
+            # exact against the same one-row forward; a row inside a batch may differ in the
+            # last float bit (matmul kernels are not batch-invariant on every CPU)
+            assert torch.equal(single, model(bits[1:2], causal=True))
+            assert torch.allclose(single, expected[1:2], atol=1e-5)
             batch = forward_compressed(model, c.compress_batch(bits), c)
             assert torch.equal(batch, expected)
     with pytest.raises(CodecError):
