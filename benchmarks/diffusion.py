@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from bitlm_core.components import build
     from bitlm_core.registry import get_registry
-    from bitlm_core.run import execute, generate, load_run
+    from bitlm_core.app.generate import generate
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import validate_spec
-    from bitlm_core.textstats import vocabulary, word_share
+    from bitlm_core.app.textstats import vocabulary, word_share
 
     if "diffusion" not in get_registry().names("objective"):
         sys.exit("the diffusion plugin is not installed: pip install -e plugins/diffusion")

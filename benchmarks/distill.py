@@ -38,7 +38,7 @@ def student_spec(alpha: float | None, teacher: Path, steps: int) -> dict:
 
 
 def train(alpha: float | None, teacher: Path, steps: int, root: Path) -> tuple:
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import validate_spec
 
     label = "causal" if alpha is None else f"distill alpha {alpha}"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     args = p.parse_args(argv)
 
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bitlm-distill-"))

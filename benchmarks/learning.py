@@ -43,8 +43,8 @@ from bitlm_core.builtins.corpora import FileCorpus, QuickstartCorpus  # noqa: E4
 from bitlm_core.builtins.encoders import Parity9Encoder  # noqa: E402
 from bitlm_core.model import BitTransformerLM, Block, ModelConfig  # noqa: E402
 from bitlm_core.registry import get_registry  # noqa: E402
-from bitlm_core.run import generate  # noqa: E402
-from bitlm_core.textstats import vocabulary, word_share  # noqa: E402
+from bitlm_core.app.generate import generate  # noqa: E402
+from bitlm_core.app.textstats import vocabulary, word_share  # noqa: E402
 
 LN2 = math.log(2.0)
 

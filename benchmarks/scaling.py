@@ -63,7 +63,7 @@ def spec_for(name: str, args) -> dict:
 def train(name: str, args, root: Path) -> tuple[str, float, float, int, str]:
     import json
 
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import validate_spec
 
     folder = root / "".join(c if c.isalnum() else "_" for c in name)

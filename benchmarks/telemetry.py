@@ -155,9 +155,12 @@ def overhead_table(steps: int, repeats: int) -> None:
 
     import torch
 
-    from bitlm_core.run import Components, build_model, load_dataset
+    from bitlm_core.app.build import build_model
+    from bitlm_core.app.run import load_dataset
+    from bitlm_core.components import Components
     from bitlm_core.spec import load_spec
-    from bitlm_core.train import Trainer, TrainState
+    from bitlm_core.engine.callbacks import Telemetry
+    from bitlm_core.engine.trainer import Trainer, TrainState
 
     torch.set_num_threads(1)
     spec = load_spec(None, ["train.threads=1", "telemetry.metrics=[{name: negentropy, options: "
@@ -168,7 +171,7 @@ def overhead_table(steps: int, repeats: int) -> None:
         model = build_model(spec, comps)
         trainer = Trainer(spec, model, comps.objective, dataset, Path(tmp), lambda s: {},
                           telemetry=comps.telemetry, log=lambda m: None)
-        state, step_times = TrainState(), []
+        state, step_times, telemetry = TrainState(), [], Telemetry()
         for _ in range(steps):
             t0 = time.perf_counter()
             trainer.step(state)
@@ -177,7 +180,7 @@ def overhead_table(steps: int, repeats: int) -> None:
         tel_times = []
         for _ in range(repeats + 1):  # what training runs: the step's batch and a held-out one
             t0 = time.perf_counter()
-            values = trainer.telemetry_record(state.step)
+            values = telemetry.record(trainer, state.step)
             tel_times.append(time.perf_counter() - t0)
     step = statistics.median(step_times[2:])
     tel = min(tel_times[1:])

@@ -19,8 +19,9 @@ import sys
 CHILD = r"""
 import json, sys, time, torch
 from bitlm_core.spec import load_spec
-from bitlm_core.run import Components, build_model
-from bitlm_core.train import make_optimizer
+from bitlm_core.app.build import build_model
+from bitlm_core.components import Components
+from bitlm_core.engine.optim import make_optimizer
 threads, steps, layout = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(threads)
 spec = load_spec(None, [f"model.layout={layout}"] + (["data.seq_len=32"] if layout == "flat" else []))

@@ -4,7 +4,7 @@ Importing this package is cheap: torch and numpy are imported only by the module
 need them (model, training, encoders), never by the CLI's start-up path.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from bitlm_core.errors import BitlmError  # noqa: E402
 

@@ -22,6 +22,11 @@ class ResolutionError(SpecError):
     """A spec names a component that no installed plugin provides, or gives it bad options."""
 
 
+class OptionError(SpecError, ValueError):
+    """A component's option has a value it cannot use. Factories may raise it (or any
+    ValueError): the registry then reports it with the spec key of the component."""
+
+
 class PluginError(BitlmError):
     """A plugin failed to load, or two plugins provide the same name."""
 

@@ -49,13 +49,15 @@ def bitlm_attention_backends() -> Iterable["AttentionBackendSpec"]:  # noqa: F82
     need_weights=False) -> (out, weights_or_None)`` with q of shape (B, H, Tq, D) and k, v of
     shape (B, H, Tk, D). When ``Tq < Tk`` (decoding with a key/value cache) the queries are the
     last ``Tq`` positions, so causal masking is aligned to the bottom right. It may also carry a
-    ``supports_weights`` attribute (False when it cannot return attention maps).
+    ``supports_weights`` attribute (False when it cannot return attention maps). The record's
+    ``priority`` decides what ``attention: {name: auto}`` picks: the highest that builds.
 
     Example::
 
         @hookimpl
         def bitlm_attention_backends():
-            yield AttentionBackendSpec("sdpa", SdpaAttention, "torch scaled_dot_product_attention")
+            yield AttentionBackendSpec("sdpa", SdpaAttention, "torch scaled_dot_product_attention",
+                                       priority=10)
     """
 
 
@@ -81,13 +83,21 @@ def bitlm_telemetry_metrics() -> Iterable["TelemetryMetricSpec"]:  # noqa: F821
 
     The factory returns an object with ``name`` and ``__call__(bits, probs=None) -> Tensor`` of
     shape (B,), one value per sequence, where ``probs`` is the model's probability of a 1 at each
-    position when available.
+    position when available. A metric that raises a ``BitlmError`` (for example because it needs
+    ``probs`` and has none) is left out of that measurement.
+
+    Regularisers: every metric slot of a spec takes the option ``weight`` (bitlm's, not passed
+    to the factory); a weight above 0 adds ``weight * (1 - value)`` of the model's predictions
+    to the loss. That needs ``differentiable = True`` on the metric object (its value has a
+    gradient with respect to ``probs``). The record's ``symbol`` (``K``, ``C``, ``S``) is what
+    the older keys ``telemetry.lambda_K`` and ``lambda_S`` weigh.
 
     Example::
 
         @hookimpl
         def bitlm_telemetry_metrics():
-            yield TelemetryMetricSpec("lz_complexity", LZComplexity, "normalised LZ76 phrases")
+            yield TelemetryMetricSpec("lz_complexity", LZComplexity, "normalised LZ76 phrases",
+                                      symbol="C")
     """
 
 
@@ -96,7 +106,7 @@ def bitlm_safety_gates() -> Iterable["SafetyGateSpec"]:  # noqa: F821
     """Provide safety gates.
 
     The factory returns an object with ``check(metrics: dict[str, float]) -> GateDecision``
-    (see :mod:`bitlm_core.safety`), deciding whether an output may be released.
+    (:class:`bitlm_core.interfaces.GateDecision`), deciding whether an output may be released.
 
     Example::
 
@@ -116,8 +126,7 @@ def bitlm_scaling_strategies() -> Iterable["ScalingStrategySpec"]:  # noqa: F821
     byte frames) and ``describe(old_cfg, new_cfg) -> str``. The trainer calls ``grow`` when
     held-out bits per byte plateau (``scaling.patience``, ``min_delta``, ``max_growths``) and
     keeps the optimizer state of every parameter that survives. Resuming and loading rebuild a
-    grown *context* from the checkpoint's saved config; a strategy that changes anything else
-    (depth, width) cannot be resumed or loaded yet.
+    grown context, depth or feed-forward width from the checkpoint's saved model config.
 
     Example::
 
@@ -131,15 +140,18 @@ def bitlm_scaling_strategies() -> Iterable["ScalingStrategySpec"]:  # noqa: F821
 def bitlm_objectives() -> Iterable["ObjectiveSpec"]:  # noqa: F821
     """Provide training objectives.
 
-    The factory returns an object with ``causal`` (whether the model runs with a causal mask)
+    The factory returns an object with ``name``, ``causal`` (whether the model runs with a
+    causal mask), ``is_bound`` (whether its bits per byte are a bound rather than a code length)
     and ``__call__(model, bits) -> ObjectiveOutput`` whose ``loss`` is in nats per bit and whose
-    ``bits_per_byte`` is the figure reported for the batch (a bound, for non-causal objectives).
+    ``bits_per_byte`` is the figure reported for the batch. The record's ``sampler`` names the
+    sampler made for it, the default of ``sample.sampler``.
 
     Example::
 
         @hookimpl
         def bitlm_objectives():
-            yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy")
+            yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy",
+                                sampler="autoregressive")
     """
 
 
@@ -147,8 +159,10 @@ def bitlm_objectives() -> Iterable["ObjectiveSpec"]:  # noqa: F821
 def bitlm_samplers() -> Iterable["SamplerSpec"]:  # noqa: F821
     """Provide samplers that generate bits from a model.
 
-    The factory returns an object with ``sample(model, prompt_bits, n_frames, generator) ->
-    torch.Tensor`` producing whole frames that the encoder can decode.
+    The factory returns an object with ``name``, ``causal`` (whether it needs a model trained
+    with a causal objective) and ``sample(model, prompt_bits, n_frames, generator, encoder) ->
+    torch.Tensor``: the prompt's bits followed by ``n_frames`` whole frames that ``encoder``
+    can decode.
 
     Example::
 
@@ -169,4 +183,43 @@ def bitlm_corpora() -> Iterable["CorpusSpec"]:  # noqa: F821
         @hookimpl
         def bitlm_corpora():
             yield CorpusSpec("file", FileCorpus, "a text file, optionally gzip-compressed")
+    """
+
+
+@hookspec
+def bitlm_callbacks() -> Iterable["CallbackSpec"]:  # noqa: F821
+    """Provide training callbacks: objects told about a run's steps, evaluations, checkpoints
+    and end (the events of :class:`bitlm_core.engine.callbacks.Callback`).
+
+    bitlm's own callbacks (evaluation, checkpoints, telemetry, growth, progress, ...) are
+    records of this kind too and always run first; a spec adds others by name under
+    ``callbacks: [{name: ..., options: {...}}]``. Building a callback must do nothing but keep
+    its options: the work belongs in its events.
+
+    Example::
+
+        @hookimpl
+        def bitlm_callbacks():
+            yield CallbackSpec("loss_to_csv", "my_package.csv:LossToCsv", "loss per step as CSV")
+    """
+
+
+@hookspec
+def bitlm_commands() -> Iterable["CommandSpec"]:  # noqa: F821
+    """Provide ``bitlm`` commands, as llm's ``register_commands`` does, but as records.
+
+    The factory takes no arguments and returns a ``typer.Typer`` (a command group, ``bitlm
+    NAME ...``) or a function with Typer-annotated parameters (one command, ``bitlm NAME``).
+    The CLI adds every command when it starts, so keep the factory's module light: import
+    torch and your own heavy dependencies inside the commands. A :class:`BitlmError` raised by
+    a command is printed as one message with its exit status, as for bitlm's own. A plugin
+    whose hook or factory fails is listed as failed and the CLI works without it; a name that
+    another plugin (or bitlm) already uses is a conflict naming both.
+
+    Example::
+
+        @hookimpl
+        def bitlm_commands():
+            yield CommandSpec("dashboard", "my_dashboard.cli:dashboard_app",
+                              "a local web page of runs")
     """

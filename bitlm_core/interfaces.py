@@ -58,6 +58,8 @@ class Compressor(Protocol):
 @runtime_checkable
 class TelemetryMetric(Protocol):
     name: str
+    # optional: differentiable = True when the value has a gradient with respect to probs
+    # (needed for a regulariser weight); bitlm treats a metric without it as not differentiable
 
     def __call__(self, bits: "torch.Tensor", probs: Optional["torch.Tensor"] = None
                  ) -> "torch.Tensor":
@@ -100,7 +102,8 @@ class ObjectiveOutput:
 @runtime_checkable
 class Objective(Protocol):
     name: str
-    causal: bool
+    causal: bool  # the model runs with a causal mask (next-bit prediction)
+    is_bound: bool  # bits_per_byte is a bound (diffusion), not an exact code length
 
     def __call__(self, model: Any, bits: "torch.Tensor") -> ObjectiveOutput: ...
 
@@ -111,8 +114,9 @@ class Sampler(Protocol):
     causal: bool
 
     def sample(self, model: Any, prompt: "torch.Tensor", n_frames: int,
-               generator: "torch.Generator") -> "torch.Tensor":
-        """prompt (P,) bits of whole frames -> (P + n_frames * frame_bits,) bits."""
+               generator: "torch.Generator", encoder: Encoder) -> "torch.Tensor":
+        """prompt (P,) bits of whole frames -> (P + n_frames * frame_bits,) bits that
+        ``encoder`` can decode."""
         ...
 
 
@@ -128,3 +132,21 @@ class ScalingStrategy(Protocol):
     name: str
 
     def grow(self, model: Any) -> Any: ...
+
+
+@runtime_checkable
+class Callback(Protocol):
+    """Told about a training run; :class:`bitlm_core.engine.callbacks.Callback` is the base
+    class to subclass (every event a no-op) and documents each event."""
+
+    def on_fit_start(self, trainer: Any, state: Any) -> None: ...
+
+    def on_step(self, trainer: Any, state: Any, record: dict) -> None: ...
+
+    def on_eval(self, trainer: Any, state: Any, result: dict) -> None: ...
+
+    def on_checkpoint(self, trainer: Any, state: Any, path: Any) -> None: ...
+
+    def on_interrupt(self, trainer: Any, state: Any) -> None: ...
+
+    def on_end(self, trainer: Any, state: Any) -> None: ...

@@ -86,13 +86,15 @@ def describe_exception(exc: BaseException) -> str:
 class PluginManager:
     """Wraps a pluggy manager and keeps a :class:`PluginInfo` for every plugin seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, defer_warnings: bool = False) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self._known_hooks = {
             name for name in dir(hookspecs) if name.startswith("bitlm_")
         }
+        self.defer_warnings = defer_warnings  # keep warnings until flush_warnings()
+        self.pending: list[str] = []
 
     # -- failures ------------------------------------------------------------------------
     def fail(self, info: PluginInfo, message: str) -> None:
@@ -106,7 +108,18 @@ class PluginManager:
             raise PluginError(f"bitlm's built-in components failed to load: {message}")
         if strict_mode():
             raise PluginError(f"{text}\n(unset {STRICT_ENV} to skip failing plugins instead)")
-        warnings.warn(text, PluginWarning, stacklevel=2)
+        if self.defer_warnings:
+            self.pending.append(text)
+        else:
+            warnings.warn(text, PluginWarning, stacklevel=2)
+
+    def flush_warnings(self) -> None:
+        """Issue the warnings kept back (the CLI defers them while it starts), then warn at
+        once from now on."""
+        self.defer_warnings = False
+        pending, self.pending = self.pending, []
+        for text in pending:
+            warnings.warn(text, PluginWarning, stacklevel=2)
 
     # -- loading -------------------------------------------------------------------------
     def register_module(self, info: PluginInfo, module: Any) -> None:
@@ -178,10 +191,22 @@ class PluginManager:
         return [i for i in self.infos.values() if i.status == "failed"]
 
 
-def load_plugins(include_external: bool = True) -> PluginManager:
+def load_plugins(include_external: bool = True, defer_warnings: bool = False) -> PluginManager:
     """Build a plugin manager with the built-ins and (by default) every installed plugin."""
-    manager = PluginManager()
+    manager = PluginManager(defer_warnings)
     manager.load_builtins()
     if include_external:
         manager.load_entry_points()
     return manager
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_manager(refresh: bool = False, defer_warnings: bool = False) -> PluginManager:
+    """The process-wide plugin manager (loaded on first use, or again with ``refresh``):
+    the CLI and the registry share it, so every plugin is loaded once."""
+    global _MANAGER
+    if _MANAGER is None or refresh:
+        _MANAGER = load_plugins(defer_warnings=defer_warnings)
+    return _MANAGER

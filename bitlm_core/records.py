@@ -8,14 +8,16 @@ the top still lists instantly. ``plugin`` and ``distribution`` are filled in by 
 with where the record came from, so error messages and ``bitlm plugins list`` can name it.
 
 Records are cheap to create: building one must not import torch. Heavy imports belong inside the
-factory.
+factory. Some kinds declare more than a name: an attention backend its ``priority`` (what
+``auto`` picks), a telemetry metric its K/C/S ``symbol``, an objective the ``sampler`` made for
+it. These fields are keyword-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,15 @@ class EncoderSpec(ComponentSpec):
 
 @dataclass(frozen=True)
 class AttentionBackendSpec(ComponentSpec):
-    """Computes attention given q, k, v (``reference``, ``sdpa``)."""
+    """Computes attention given q, k, v (``reference``, ``sdpa``).
+
+    ``priority``: ``attention: {name: auto}`` picks the installed backend with the highest
+    priority that accepts the options asked for (``reference`` has 0; a faster backend should
+    declare more). ``None`` keeps a backend out of ``auto``'s choice.
+    """
 
     kind: ClassVar[str] = "attention"
+    priority: Optional[int] = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,14 @@ class CompressorSpec(ComponentSpec):
 
 @dataclass(frozen=True)
 class TelemetryMetricSpec(ComponentSpec):
-    """A per-sequence metric of bits or of the model's predictions (``negentropy``...)."""
+    """A per-sequence metric of bits or of the model's predictions (``negentropy``...).
+
+    ``symbol``: the letter the run spec's older ``telemetry.lambda_<symbol>`` keys weigh
+    (``K``, ``C`` or ``S``); also the key its regulariser value is logged under (``reg/K``).
+    """
 
     kind: ClassVar[str] = "telemetry"
+    symbol: Optional[str] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -98,9 +111,14 @@ class ScalingStrategySpec(ComponentSpec):
 
 @dataclass(frozen=True)
 class ObjectiveSpec(ComponentSpec):
-    """Turns (model, batch) into a loss (``causal``, ``diffusion``)."""
+    """Turns (model, batch) into a loss (``causal``, ``diffusion``).
+
+    ``sampler``: the sampler made for models trained with it, used when ``sample.sampler``
+    names none (bitlm's ``autoregressive`` when the objective declares none).
+    """
 
     kind: ClassVar[str] = "objective"
+    sampler: Optional[str] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,30 @@ class CorpusSpec(ComponentSpec):
     """Provides training text as bytes (``quickstart``, ``file``)."""
 
     kind: ClassVar[str] = "corpus"
+
+
+@dataclass(frozen=True)
+class CallbackSpec(ComponentSpec):
+    """Watches a training run through its events (``evaluation``, ``checkpoint``, ...).
+
+    The factory returns a :class:`bitlm_core.engine.callbacks.Callback`; a spec adds plugin
+    callbacks under ``callbacks``, after bitlm's own.
+    """
+
+    kind: ClassVar[str] = "callback"
+
+
+@dataclass(frozen=True)
+class CommandSpec(ComponentSpec):
+    """A ``bitlm`` command or command group (``codec``, ``quantize``).
+
+    The factory is called with no arguments when the CLI starts and returns a ``typer.Typer``
+    (a group: ``bitlm NAME SUBCOMMAND``) or a function with Typer-annotated parameters (one
+    command: ``bitlm NAME``). ``description`` is its line in ``bitlm --help``. Keep the
+    factory's module light (typer and rich only): it is imported for ``bitlm --help`` too.
+    """
+
+    kind: ClassVar[str] = "command"
 
 
 @dataclass(frozen=True)
@@ -139,5 +181,7 @@ KINDS: dict[str, Kind] = {
         Kind("objective", "bitlm_objectives", ObjectiveSpec, "objectives"),
         Kind("sampler", "bitlm_samplers", SamplerSpec, "samplers"),
         Kind("corpus", "bitlm_corpora", CorpusSpec, "corpora"),
+        Kind("callback", "bitlm_callbacks", CallbackSpec, "training callbacks"),
+        Kind("command", "bitlm_commands", CommandSpec, "commands"),
     ]
 }

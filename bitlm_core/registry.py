@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from bitlm_core.errors import PluginError, ResolutionError
-from bitlm_core.plugins import PluginManager, describe_exception, load_plugins
+from bitlm_core.plugins import PluginManager, describe_exception, get_manager
 from bitlm_core.records import KINDS, ComponentSpec
 
 LIST_HINT = "run `bitlm plugins list` to see installed plugins and what they provide"
@@ -32,11 +32,12 @@ class Registry:
     ``bitlm plugins list``, which must be able to show the clash).
     """
 
-    def __init__(self, manager: PluginManager, raise_conflicts: bool = True):
+    def __init__(self, manager: PluginManager, raise_conflicts: bool = True,
+                 kinds: Iterable[str] | None = None):
         self.manager = manager
         self.records: dict[str, dict[str, ComponentSpec]] = {k: {} for k in KINDS}
         self.conflicts: list[str] = []
-        for kind in KINDS.values():
+        for kind in KINDS.values() if kinds is None else (KINDS[k] for k in kinds):
             self._collect(kind)
         if self.conflicts and raise_conflicts:
             raise PluginError("\n".join(self.conflicts))
@@ -214,10 +215,13 @@ _REGISTRY: Registry | None = None
 
 
 def get_registry(refresh: bool = False, raise_conflicts: bool = True) -> Registry:
-    """The process-wide registry (built on first use)."""
+    """The process-wide registry (built on first use, over the process-wide plugin manager;
+    ``refresh`` loads the plugins again)."""
     global _REGISTRY
     if _REGISTRY is None or refresh:
-        _REGISTRY = Registry(load_plugins(), raise_conflicts=False)
+        manager = get_manager(refresh=refresh)
+        _REGISTRY = Registry(manager, raise_conflicts=False)
+        manager.flush_warnings()
     if _REGISTRY.conflicts and raise_conflicts:
         raise PluginError("\n".join(_REGISTRY.conflicts))
     return _REGISTRY

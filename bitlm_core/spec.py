@@ -112,7 +112,9 @@ class CompressionSection(Component):
 
 
 class TelemetrySection(Strict):
-    metrics: list[Component] = Field(default_factory=list)
+    metrics: Union[Literal["all"], list[Component]] = Field(
+        default_factory=list, description="metrics to log (each slot may have options.weight "
+        "> 0 to regularise with it); 'all': every installed metric with its defaults")
     every: int = Field(100, ge=1)
     drift_threshold: Optional[float] = Field(None, ge=0, description="alert when a metric's "
                                              "recent mean moves by more than this fraction")
@@ -120,18 +122,20 @@ class TelemetrySection(Strict):
                                                    "check")
     drift_stop: bool = Field(False, description="stop training (with a checkpoint) on a drift "
                                                 "alert")
-    lambda_K: float = Field(0.0, ge=0, description="weight of (1 - negentropy of the predictions) "
-                                                   "added to the loss")
-    lambda_C: float = Field(0.0, ge=0, description="must stay 0: LZ complexity is not "
+    lambda_K: float = Field(0.0, ge=0, description="older form of options.weight on the "
+                                                   "metric with symbol K (negentropy)")
+    lambda_C: float = Field(0.0, ge=0, description="must stay 0: C (LZ complexity) is not "
                                                    "differentiable")
-    lambda_S: float = Field(0.0, ge=0, description="weight of (1 - symbiosis) added to the loss")
+    lambda_S: float = Field(0.0, ge=0, description="older form of options.weight on the "
+                                                   "metric with symbol S (symbiosis)")
 
     @model_validator(mode="after")
     def _lz_is_not_differentiable(self):
         if self.lambda_C:
-            raise ValueError("lambda_C must be 0: lz_complexity counts phrases of the bits and "
-                             "has no gradient, so it can be logged and gated but not used as a "
-                             "regulariser (lambda_K and lambda_S can)")
+            raise ValueError("lambda_C must be 0: C, the LZ complexity, counts phrases of the "
+                             "bits and has no gradient, so it can be logged and gated but not "
+                             "used as a regulariser (K and S can: lambda_K, lambda_S, or "
+                             "options.weight on their metrics)")
         return self
 
 
@@ -149,8 +153,15 @@ class ScalingSection(Strict):
                                                   "model in one run")
 
 
+class SamplerSlot(Strict):
+    """``sample.sampler``: without a ``name``, the sampler made for the objective."""
+
+    name: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class SampleSection(Strict):
-    sampler: Component = Component(name="autoregressive")
+    sampler: SamplerSlot = SamplerSlot()
     prompt: str = "The "
     bytes: int = Field(200, ge=0)
     count: int = Field(1, ge=0)
@@ -181,6 +192,8 @@ class RunSpec(Strict):
     sample: SampleSection = SampleSection()
     distributed: DistributedSection = DistributedSection()
     output: OutputSection = OutputSection()
+    callbacks: list[Component] = Field(default_factory=list, description="training callbacks "
+                                       "from plugins, run after bitlm's own")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -72,7 +72,7 @@ def test_a_chunked_model_matches_across_backends(layout):
 def test_full_attention_maps_are_saved_only_when_asked(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     execute(load_spec(tiny_spec(steps=3)), tmp_path / "off", log=lambda m: None)

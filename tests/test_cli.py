@@ -227,7 +227,7 @@ def test_restart_discards_the_old_run(trained, tmp_path):
 
 def test_restart_never_deletes_a_folder_that_is_not_a_run(tiny_spec, tmp_path):
     from bitlm_core.errors import CheckpointError
-    from bitlm_core.run import prepare_run_dir
+    from bitlm_core.store.rundir import prepare_run_dir
     from bitlm_core.spec import load_spec
 
     folder = tmp_path / "my-documents"

@@ -11,12 +11,12 @@ import torch
 
 from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.builtins.encoders import Parity9Encoder
-from bitlm_core.compression import (CompressionFeed, compression_prob, forward_compressed,
-                                    model_output_decompress)
+from bitlm_core.engine.compression import (CompressionFeed, compression_prob, forward_compressed,
+                                           model_output_decompress)
 from bitlm_core.errors import BitlmError, CodecError
 from bitlm_core.model import BitTransformerLM, ModelConfig
 from bitlm_core.registry import get_registry
-from bitlm_core.run import execute
+from bitlm_core.app.run import execute
 from bitlm_core.spec import load_spec
 
 ENC = Parity9Encoder()
@@ -132,7 +132,7 @@ def test_training_logs_raw_compressed_and_direct_metrics_separately(tmp_path, ti
 def test_decompress_output_reads_what_follows_the_prompt():
     from types import SimpleNamespace
 
-    from bitlm_core.run import SampleResult, decompress_sample
+    from bitlm_core.app.generate import SampleResult, decompress_sample
 
     c = codec("rle")
     prompt = ENC.encode(b"The ")

@@ -5,7 +5,7 @@ import pytest
 
 from bitlm_core.builtins.corpora import FileCorpus, QuickstartCorpus
 from bitlm_core.builtins.encoders import Parity9Encoder
-from bitlm_core.dataset import prepare_dataset
+from bitlm_core.engine.dataset import prepare_dataset
 from bitlm_core.errors import DataError
 
 

@@ -62,7 +62,7 @@ def test_options_are_checked(kwargs, match):
 
 @pytest.fixture
 def teacher_run(tmp_path, tiny_spec):
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     execute(load_spec(tiny_spec(steps=4)), tmp_path / "teacher", log=lambda m: None)
@@ -70,7 +70,8 @@ def teacher_run(tmp_path, tiny_spec):
 
 
 def test_a_student_trains_from_a_teacher_run_and_logs_the_kl(tmp_path, tiny_spec, teacher_run):
-    from bitlm_core.run import execute, load_run
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     spec = load_spec(tiny_spec(steps=4, objective={"name": "distill", "options": {
@@ -86,8 +87,8 @@ def test_a_student_trains_from_a_teacher_run_and_logs_the_kl(tmp_path, tiny_spec
 def test_alpha_zero_is_the_causal_run(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 
-    from bitlm_core.checkpoint import latest_checkpoint
-    from bitlm_core.run import execute
+    from bitlm_core.store.checkpoint import latest_checkpoint
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     execute(load_spec(tiny_spec(steps=3)), tmp_path / "causal", log=lambda m: None)
@@ -99,7 +100,7 @@ def test_alpha_zero_is_the_causal_run(tmp_path, tiny_spec):
 
 
 def test_a_teacher_that_does_not_fit_is_named(tmp_path, tiny_spec, teacher_run):
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     def student(name, **sections):
@@ -122,7 +123,7 @@ def test_a_resumed_student_ends_like_an_uninterrupted_one(tmp_path, tiny_spec, t
 
     from safetensors.torch import load_file
 
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     spec = load_spec(tiny_spec(steps=4, objective={"name": "distill", "options": {

@@ -12,7 +12,7 @@ from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.builtins.encoders import Parity9Encoder
 from bitlm_core.builtins.scaling import DepthGrowth, WidthGrowth
 from bitlm_core.errors import BitlmError, CheckpointError
-from bitlm_core.growth import add_layers, fit_to_config, widen_feedforward
+from bitlm_core.model.growth import add_layers, fit_to_config, widen_feedforward
 from bitlm_core.model import BitTransformerLM, ModelConfig
 
 ENC = Parity9Encoder()
@@ -137,7 +137,8 @@ def test_growth_in_training_resumes_exactly_and_loads(tmp_path, tiny_spec, strat
                                                      key, value):
     from safetensors.torch import load_file
 
-    from bitlm_core.run import execute, load_run
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     # min_delta 10: the second evaluation (step 6) is a plateau, so the model grows there
@@ -170,8 +171,8 @@ def test_growth_in_training_resumes_exactly_and_loads(tmp_path, tiny_spec, strat
 
 
 def test_optimizer_state_follows_the_trained_part_of_grown_tensors():
-    from bitlm_core.growth import carry_optimizer_state
-    from bitlm_core.longcontext import expand_positional_encoding
+    from bitlm_core.engine.optim import carry_optimizer_state
+    from bitlm_core.model.growth import expand_positional_encoding
 
     m = model().train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)

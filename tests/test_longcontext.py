@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from bitlm_core.builtins.attention import ReferenceAttention
 from bitlm_core.builtins.encoders import Parity9Encoder
 from bitlm_core.errors import BitlmError, BitsError
-from bitlm_core.longcontext import expand_positional_encoding, score_sliding, window_plan
+from bitlm_core.engine.evaluation import score_sliding, window_plan
+from bitlm_core.model.growth import expand_positional_encoding
 from bitlm_core.model import BitTransformerLM, ModelConfig
 
 ENC = Parity9Encoder()
@@ -103,7 +104,9 @@ def test_expanding_positions_keeps_existing_outputs(layout):
 def test_context_growth_during_training_survives_resume_and_loading(tmp_path, tiny_spec):
     import json
 
-    from bitlm_core.run import evaluate_bytes, execute, load_run
+    from bitlm_core.app.evaluate import evaluate_bytes
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     # min_delta 10: every evaluation after the first is a plateau, so the model grows at once
@@ -144,7 +147,9 @@ def test_a_diffusion_run_is_scored_in_windows_and_refuses_a_stride(tmp_path, tin
     import json
 
     from bitlm_core.errors import DataError
-    from bitlm_core.run import evaluate_bytes, execute, load_run
+    from bitlm_core.app.evaluate import evaluate_bytes
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     spec = load_spec(tiny_spec(steps=2, objective={"name": "diffusion"},

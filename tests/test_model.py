@@ -203,7 +203,7 @@ def test_neighbour_mixing_is_non_causal_only(layout):
         parts = []
         for k in (1, 2):
             parts += [x[0, t - k] if t - k >= 0 else pad, x[0, t + k] if t + k < 5 else pad]
-        torch.testing.assert_close(model._mix_neighbours(x)[0, t], x[0, t] + W(torch.cat(parts)))
+        torch.testing.assert_close(model.mix_neighbours(x)[0, t], x[0, t] + W(torch.cat(parts)))
     with torch.no_grad():  # the causal forward never reads ahead, mixing or not
         W.weight.normal_()
         bits = torch.randint(0, 2, (1, 6 * 9), dtype=torch.uint8)

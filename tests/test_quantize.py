@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitlm_core.errors import CheckpointError
-from bitlm_core.quantize import (MIN_ELEMENTS, SCALE_SUFFIX, dequantize_state, quantize_run,
-                                 quantize_state)
+from bitlm_core.app.quantize import quantize_run
+from bitlm_core.store.quantized import MIN_ELEMENTS, SCALE_SUFFIX, dequantize_state, quantize_state
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,7 +57,7 @@ def test_damaged_quantized_tensors_are_named():
 
 @pytest.fixture
 def trained_run(tmp_path, tiny_spec):
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     spec = load_spec(tiny_spec(steps=6, model={"d_model": 64}))
@@ -67,7 +67,9 @@ def trained_run(tmp_path, tiny_spec):
 
 def test_a_quantized_run_scores_like_the_original_and_refuses_training(tmp_path, trained_run,
                                                                       tiny_corpus):
-    from bitlm_core.run import evaluate_bytes, execute, load_run
+    from bitlm_core.app.evaluate import evaluate_bytes
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
 
     spec, run_dir = trained_run
     report = quantize_run(run_dir, tmp_path / "q")
@@ -114,8 +116,8 @@ def test_quantize_refuses_to_overwrite_without_force(tmp_path, trained_run):
 def test_integer_weights_without_a_scheme_are_refused(tmp_path, trained_run):
     from safetensors.torch import load_file, save_file
 
-    from bitlm_core.checkpoint import latest_checkpoint
-    from bitlm_core.run import load_run
+    from bitlm_core.store.checkpoint import latest_checkpoint
+    from bitlm_core.app.loading import load_run
 
     _, run_dir = trained_run
     quantize_run(run_dir, tmp_path / "q")

@@ -13,8 +13,8 @@ from bitlm_core.builtins.encoders import Parity9Encoder
 from bitlm_core.errors import SafetyError
 from bitlm_core.model import BitTransformerLM, ModelConfig
 from bitlm_core.registry import get_registry
-from bitlm_core.safety import (SafetyWarning, detect_metric_drift, hil_safe_inference,
-                               safe_sample_with_retry, sample_metrics)
+from bitlm_core.app.generate import SafetyWarning, hil_safe_inference, safe_sample_with_retry
+from bitlm_core.engine.telemetry import detect_metric_drift, sample_metrics
 
 ENC = Parity9Encoder()
 TEXT = (b"She was the youngest of the two daughters of a most affectionate, indulgent father; "
@@ -24,6 +24,8 @@ TEXT = (b"She was the youngest of the two daughters of a most affectionate, indu
 
 class ScriptedSampler:
     """Writes a constant stream (zero bytes) for the seeds in ``stuck``, English otherwise."""
+
+    causal = True  # what every sampler declares (bitlm_core.interfaces.Sampler)
 
     def __init__(self, name: str, stuck=()):
         self.name, self.stuck, self.seeds = name, set(stuck), []
@@ -125,7 +127,7 @@ def test_drift():
 def test_training_logs_a_drift_alert_and_can_stop(tmp_path, tiny_spec):
     import json
 
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     # Threshold 0: any change of a metric's mean between windows of one value is an alert.
@@ -145,7 +147,7 @@ def test_telemetry_on_train_and_val_batches_with_regularisers(tmp_path, tiny_spe
     import json
 
     from bitlm_core.errors import SpecError
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     metrics = [{"name": "negentropy", "options": {"source": "probs"}}, {"name": "lz_complexity"},
@@ -180,9 +182,9 @@ def test_metrics_of_a_non_causal_sample_leave_out_model_probabilities(model):
 def test_regularisers_change_training_and_need_a_causal_objective(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 
-    from bitlm_core.checkpoint import latest_checkpoint
+    from bitlm_core.store.checkpoint import latest_checkpoint
     from bitlm_core.errors import SpecError
-    from bitlm_core.run import execute
+    from bitlm_core.app.run import execute
     from bitlm_core.spec import load_spec
 
     metrics = [{"name": "negentropy", "options": {"source": "probs"}}, {"name": "symbiosis"}]

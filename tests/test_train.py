@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from bitlm_core.checkpoint import latest_checkpoint, read_state
+from bitlm_core.store.checkpoint import latest_checkpoint, read_state
 from bitlm_core.errors import CheckpointError
-from bitlm_core.run import evaluate_bytes, execute, load_run
+from bitlm_core.app.evaluate import evaluate_bytes
+from bitlm_core.app.loading import load_run
+from bitlm_core.app.run import execute
 from bitlm_core.spec import TrainSection, load_spec
-from bitlm_core.train import lr_at
+from bitlm_core.engine.optim import lr_at
 
 
 def test_schedule_warms_up_then_decays_to_the_floor_at_the_last_step():
@@ -59,8 +61,11 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, tiny_spec):
     # Stop after step 4 (max_minutes is not part of the comparison: emulate a kill by
     # training a copy whose spec says 4 steps, then resuming under the real spec).
     spec = load_spec(path)
-    from bitlm_core.run import Components, build_model, load_dataset, prepare_run_dir
-    from bitlm_core.train import TrainState, Trainer
+    from bitlm_core.app.build import build_model
+    from bitlm_core.app.run import load_dataset
+    from bitlm_core.components import Components
+    from bitlm_core.store.rundir import prepare_run_dir
+    from bitlm_core.engine.trainer import TrainState, Trainer
 
     run_dir = tmp_path / "resumed"
     prepare_run_dir(spec, run_dir, restart=False)
@@ -126,7 +131,7 @@ def test_eval_and_sample_from_a_loaded_checkpoint(tmp_path, tiny_spec, tiny_corp
     data = tiny_corpus.read_bytes()
     result = evaluate_bytes(run, data, "tiny")
     assert result["bytes"] == len(data) and 0 < result["bits_per_byte"] < 9.5
-    from bitlm_core.run import generate
+    from bitlm_core.app.generate import generate
 
     c = run.comps
     s1 = generate(run.model, c.encoder, c.sampler, "the ", 12, seed=3)

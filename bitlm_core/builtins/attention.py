@@ -115,13 +115,9 @@ class ReferenceAttention:
         return out, (weights if need_weights else None)
 
 
-#: Order in which ``auto`` tries backends; installed backends not listed come after these.
-AUTO_PREFERENCE = ("sdpa", "reference")
-
-
 def auto_attention(chunk_size: int | None = None, overlap: int = 0):
-    """The fastest installed backend (``sdpa`` when its plugin is installed, else ``reference``),
-    built with the chunking asked for (both built-in choices support it).
+    """The installed backend of highest ``priority`` (on its record) that accepts the chunking
+    asked for; ``reference`` when no other does. Ties go to the name first in sorted order.
 
     The chosen backend's ``name`` says which one was picked; ``bitlm run`` prints it.
     """
@@ -130,14 +126,15 @@ def auto_attention(chunk_size: int | None = None, overlap: int = 0):
     check_chunking(chunk_size, overlap)
     options = {"chunk_size": chunk_size, "overlap": overlap} if chunk_size is not None else {}
     registry = get_registry()
-    names = [n for n in AUTO_PREFERENCE if registry.get("attention", n)]
-    names += [n for n in registry.names("attention") if n not in names and n != "auto"]
-    for name in names:
+    ranked = sorted((r for r in registry.records["attention"].values()
+                     if getattr(r, "priority", None) is not None),
+                    key=lambda r: (-r.priority, r.name))
+    for record in ranked:
         try:
-            backend = registry.build("attention", name, options, "attention")
+            backend = registry.build("attention", record.name, options, "attention")
         except Exception:  # a backend that needs other options cannot be picked blindly
             continue
         if not hasattr(backend, "name"):
-            backend.name = name
+            backend.name = record.name
         return backend
     return ReferenceAttention(chunk_size, overlap)

@@ -18,6 +18,7 @@ class CausalObjective:
 
     name = "causal"
     causal = True
+    is_bound = False
 
     def __call__(self, model, bits) -> ObjectiveOutput:
         return next_bit_output(model, bits)[1]
@@ -54,6 +55,7 @@ class DistillObjective:
 
     name = "distill"
     causal = True
+    is_bound = False
 
     def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
@@ -71,8 +73,8 @@ class DistillObjective:
         if self._teacher is None:
             import torch
 
+            from bitlm_core.app.loading import load_run
             from bitlm_core.errors import BitlmError, SpecError
-            from bitlm_core.run import load_run
 
             # building the teacher seeds torch's generator: keep the student's stream intact,
             # so a resumed run draws the same dropout as an uninterrupted one
@@ -81,7 +83,7 @@ class DistillObjective:
                     run = load_run(self.teacher_dir)
                 except BitlmError as exc:
                     raise SpecError(f"distill teacher: {exc}") from None
-            if not getattr(run.comps.objective, "causal", True):
+            if not run.comps.causal:
                 raise SpecError(f"distill teacher {self.teacher_dir} was trained with objective "
                                 f"'{run.spec.objective.name}'; a teacher must be causal")
             if run.model.frame_bits != model.frame_bits:

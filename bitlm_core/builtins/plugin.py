@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from bitlm_core.hookspecs import hookimpl
-from bitlm_core.records import (AttentionBackendSpec, CompressorSpec, CorpusSpec, EncoderSpec,
-                                ObjectiveSpec, SafetyGateSpec, SamplerSpec, ScalingStrategySpec)
+from bitlm_core.records import (AttentionBackendSpec, CallbackSpec, CommandSpec, CompressorSpec,
+                                CorpusSpec, EncoderSpec, ObjectiveSpec, SafetyGateSpec,
+                                SamplerSpec, ScalingStrategySpec)
 
 
 @hookimpl
@@ -20,9 +21,9 @@ def bitlm_attention_backends():
     from bitlm_core.builtins.attention import ReferenceAttention, auto_attention
 
     yield AttentionBackendSpec("reference", ReferenceAttention,
-                               "explicit softmax(QK^T)V; can return attention maps")
+                               "explicit softmax(QK^T)V; can return attention maps", priority=0)
     yield AttentionBackendSpec("auto", auto_attention,
-                               "the fastest installed backend (sdpa if installed)")
+                               "the installed backend of highest priority", priority=None)
 
 
 @hookimpl
@@ -51,9 +52,11 @@ def bitlm_corpora():
 def bitlm_objectives():
     from bitlm_core.builtins.objectives import CausalObjective, DistillObjective
 
-    yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy (bits per byte)")
+    yield ObjectiveSpec("causal", CausalObjective, "next-bit cross-entropy (bits per byte)",
+                        sampler="autoregressive")
     yield ObjectiveSpec("distill", DistillObjective,
-                        "next-bit cross-entropy plus agreement with a trained teacher run")
+                        "next-bit cross-entropy plus agreement with a trained teacher run",
+                        sampler="autoregressive")
 
 
 @hookimpl
@@ -74,3 +77,30 @@ def bitlm_scaling_strategies():
                               "on a plateau, add blocks that start as the identity")
     yield ScalingStrategySpec("width", WidthGrowth,
                               "on a plateau, multiply feed-forward units (new ones start silent)")
+
+
+@hookimpl
+def bitlm_callbacks():
+    from bitlm_core.engine import callbacks as c
+
+    yield CallbackSpec("log", c.TrainLog, "a train record every train.log_every steps")
+    yield CallbackSpec("evaluation", c.Evaluation,
+                       "held-out bits per byte every train.eval_every steps")
+    yield CallbackSpec("growth", c.Growth, "scaling.strategy on a plateau of held-out figures")
+    yield CallbackSpec("attention_maps", c.AttentionMaps,
+                       "attention maps at each evaluation (attention.full_attn_logging)")
+    yield CallbackSpec("telemetry", c.Telemetry,
+                       "telemetry.metrics every telemetry.every steps, drift alerts")
+    yield CallbackSpec("progress", c.Progress, "the progress bar's line")
+    yield CallbackSpec("checkpoint", c.Checkpointing,
+                       "checkpoints every train.checkpoint_every steps, at the end, on Ctrl-C")
+    yield CallbackSpec("time_limit", c.TimeLimit, "stop after train.max_minutes")
+
+
+@hookimpl
+def bitlm_commands():
+    # lazy: the command modules are imported when the CLI starts, never for `plugins list`
+    yield CommandSpec("codec", "bitlm_core.cli.codec:commands",
+                      "compress, decompress and measure bit streams with the installed codecs")
+    yield CommandSpec("quantize", "bitlm_core.cli.quantize:commands",
+                      "store a run's weight matrices as int8, about 4x smaller")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from bitlm_core.sampling import choose_bit, parity_bit
-
 
 class AutoregressiveSampler:
     """Samples each bit from the model's causal distribution.
@@ -36,24 +34,22 @@ class AutoregressiveSampler:
     def sample(self, model, prompt, n_frames: int, generator, encoder):
         import torch
 
+        from bitlm_core.model import eval_mode
+        from bitlm_core.model.decoding import choose_bit, parity_bit
+
         Fb = model.frame_bits
-        was_training = model.training
-        model.eval()
         self.parity_fixed = 0
-        try:
-            with torch.no_grad():
-                dec = model.decoder(prompt.view(1, -1), cache=self.cache)
-                frame = []
-                for _ in range(n_frames * Fb):
-                    logits = dec.logits()
-                    if encoder.has_parity and len(frame) == Fb - 1:
-                        bit = parity_bit(torch.stack(frame, dim=-1))
-                        self.parity_fixed += int(logits.argmax(-1).ne(bit).sum())
-                    else:
-                        bit = choose_bit(logits, generator, self.temperature, self.top_k,
-                                         self.top_p)
-                    frame = [] if len(frame) == Fb - 1 else frame + [bit]
-                    dec.push(bit)
-                return dec.history.view(-1)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            dec = model.decoder(prompt.view(1, -1), cache=self.cache)
+            frame = []
+            for _ in range(n_frames * Fb):
+                logits = dec.logits()
+                if encoder.has_parity and len(frame) == Fb - 1:
+                    bit = parity_bit(torch.stack(frame, dim=-1))
+                    self.parity_fixed += int(logits.argmax(-1).ne(bit).sum())
+                else:
+                    bit = choose_bit(logits, generator, self.temperature, self.top_k,
+                                     self.top_p)
+                frame = [] if len(frame) == Fb - 1 else frame + [bit]
+                dec.push(bit)
+            return dec.history.view(-1)

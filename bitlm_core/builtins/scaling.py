@@ -1,10 +1,11 @@
 """Scaling strategies: grow the model when training plateaus, without changing its outputs.
 
 ``context`` multiplies the number of byte frames the model can see by ``factor`` (capped at
-``max_frames``) through :func:`bitlm_core.longcontext.expand_positional_encoding`: existing
+``max_frames``) through :func:`bitlm_core.model.growth.expand_positional_encoding`: existing
 position vectors are kept, so every output the model gave on the old context is unchanged, and
 the trainer then feeds it windows of the new length. ``depth`` adds blocks that start as the
-identity and ``width`` adds feed-forward units that start silent (:mod:`bitlm_core.growth`).
+identity and ``width`` adds feed-forward units that start silent
+(:mod:`bitlm_core.model.growth`).
 
 A strategy has ``grow(model)`` (in place, returns the model), and optionally ``can_grow(model)``,
 ``next_frames(model)`` (when it changes the context) and ``describe(before, after)`` (configs).
@@ -33,7 +34,7 @@ class ContextGrowth:
         return min(self.max_frames, model.cfg.max_frames * self.factor)
 
     def grow(self, model):
-        from bitlm_core.longcontext import expand_positional_encoding
+        from bitlm_core.model.growth import expand_positional_encoding
 
         if self.can_grow(model):
             expand_positional_encoding(model, self.next_frames(model))
@@ -49,21 +50,13 @@ def _positive_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def _layer_init(init) -> str:
-    from bitlm_core.growth import LAYER_INITS
-
-    if init not in LAYER_INITS:
-        raise ValueError(f"init must be one of {', '.join(LAYER_INITS)}, got {init!r}")
-    return init
-
-
 class DepthGrowth:
     """Options: ``add`` (blocks added per growth, default 2), ``max_layers`` (default 12),
     ``init`` (``copy``, default: the new blocks start as copies of the existing ones, bottom
     up; ``random``: drawn like a new model).
 
     New blocks go on top with zero residual output projections, so the model's outputs are
-    unchanged when it grows (:func:`bitlm_core.growth.add_layers`).
+    unchanged when it grows (:func:`bitlm_core.model.growth.add_layers`).
     """
 
     name = "depth"
@@ -71,13 +64,15 @@ class DepthGrowth:
     def __init__(self, add: int = 2, max_layers: int = 12, init: str = "copy"):
         self.add = _positive_int("add", add, 1)
         self.max_layers = _positive_int("max_layers", max_layers, 2)
-        self.init = _layer_init(init)
+        from bitlm_core.model.growth import check_init  # (the model package imports torch)
+
+        self.init = check_init(init)
 
     def can_grow(self, model) -> bool:
         return model.cfg.n_layers < self.max_layers
 
     def grow(self, model):
-        from bitlm_core.growth import add_layers
+        from bitlm_core.model.growth import add_layers
 
         if self.can_grow(model):
             add_layers(model, min(self.add, self.max_layers - model.cfg.n_layers), self.init)
@@ -93,7 +88,7 @@ class WidthGrowth:
 
     Multiplies the feed-forward hidden units of every block (``model.d_ff``); the new units
     start with zero output weights, so the model's outputs are unchanged when it grows
-    (:func:`bitlm_core.growth.widen_feedforward`). The residual width ``d_model`` stays.
+    (:func:`bitlm_core.model.growth.widen_feedforward`). The residual width ``d_model`` stays.
     """
 
     name = "width"
@@ -101,13 +96,15 @@ class WidthGrowth:
     def __init__(self, factor: int = 2, max_d_ff: int = 4096, init: str = "copy"):
         self.factor = _positive_int("factor", factor, 2)
         self.max_d_ff = _positive_int("max_d_ff", max_d_ff, 2)
-        self.init = _layer_init(init)
+        from bitlm_core.model.growth import check_init  # (the model package imports torch)
+
+        self.init = check_init(init)
 
     def can_grow(self, model) -> bool:
         return model.cfg.d_ff < self.max_d_ff
 
     def grow(self, model):
-        from bitlm_core.growth import widen_feedforward
+        from bitlm_core.model.growth import widen_feedforward
 
         if self.can_grow(model):
             widen_feedforward(model, min(self.max_d_ff, model.cfg.d_ff * self.factor), self.init)

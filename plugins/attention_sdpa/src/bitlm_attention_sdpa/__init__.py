@@ -4,4 +4,4 @@ The backend class lives in :mod:`bitlm_attention_sdpa.backend`; :mod:`bitlm_atte
 registers it with bitlm. Importing this package does not import torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,6 +4,6 @@ The codec lives in :mod:`bitlm_compression_rle.codec`; :mod:`bitlm_compression_r
 the entry point that registers it with bitlm. Importing this package imports nothing heavy.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 __all__ = ["__version__"]

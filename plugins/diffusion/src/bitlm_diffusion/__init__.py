@@ -4,4 +4,4 @@ objective (continuous-time ELBO) and the ``diffusion`` sampler.
 Importing this package does not import torch; the submodules do when they are used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -16,6 +16,7 @@ def bitlm_objectives():
         "diffusion", "bitlm_diffusion.objective:DiffusionObjective",
         "masked bit diffusion, continuous-time ELBO (a bound on bits per byte); options "
         "schedule, eps, antithetic, t_min/t_max/curriculum_steps, eval_samples",
+        sampler="diffusion",
     )
 
 

@@ -124,6 +124,11 @@ class Negentropy:
         self.source = source
         self.block_bits = block_bits
 
+    @property
+    def differentiable(self) -> bool:
+        """Only ``source="probs"`` has a gradient (a regulariser weight needs it)."""
+        return self.source == "probs"
+
     def __call__(self, bits: Any, probs: Optional["torch.Tensor"] = None) -> "torch.Tensor":
         import torch
 
@@ -182,6 +187,7 @@ class LZComplexity:
     """
 
     name = "lz_complexity"
+    differentiable = False  # a phrase count of the bits: logged and gated, never trained on
 
     def __init__(self, window: Optional[int] = None, normalise: bool = True):
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
@@ -234,6 +240,7 @@ class Symbiosis:
     """
 
     name = "symbiosis"
+    differentiable = True  # in probs: usable as a regulariser
 
     def __init__(self, reference: str = "observed", eps: float = 1e-6):
         if reference not in ("observed", "marginal"):

@@ -15,11 +15,12 @@ def bitlm_telemetry_metrics():
     from bitlm_telemetry_kcs.metrics import LZComplexity, Negentropy, Symbiosis
 
     yield TelemetryMetricSpec("negentropy", Negentropy,
-                              "K = 1 - H/H_max of frame-aligned blocks (or of the predictions)")
+                              "K = 1 - H/H_max of frame-aligned blocks (or of the predictions)",
+                              symbol="K")
     yield TelemetryMetricSpec("lz_complexity", LZComplexity,
-                              "C = c(n) log2(n) / n, exact LZ76 phrase count")
+                              "C = c(n) log2(n) / n, exact LZ76 phrase count", symbol="C")
     yield TelemetryMetricSpec("symbiosis", Symbiosis,
-                              "S = exp(-mean KL(reference || model)); needs probs")
+                              "S = exp(-mean KL(reference || model)); needs probs", symbol="S")
 
 
 @hookimpl

@@ -13,8 +13,9 @@ checkpoint saved afterwards records the new size (and :func:`fit_to_config` can 
   from the start, and zero output weights, so the block's output is unchanged until training
   uses them.
 
-Growing the context is :func:`bitlm_core.longcontext.expand_positional_encoding`. These are the
-operations behind the ``depth``, ``width`` and ``context`` scaling strategies.
+* :func:`expand_positional_encoding` gives the model more positions, keeping the trained ones.
+
+These are the operations behind the ``depth``, ``width`` and ``context`` scaling strategies.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bitlm_core.errors import BitlmError, CheckpointError
+from bitlm_core.errors import BitlmError, CheckpointError, OptionError
 
-INIT_STD = 0.02  # the model's own initialisation (BitTransformerLM._init_weights)
 LAYER_INITS = ("copy", "random")  # where grown parts start: copies of trained ones, or new
 
 
-def _check_init(where: str, init: Any) -> None:
+def check_init(init: Any, where: str = "") -> str:
+    """``init`` when it is one of :data:`LAYER_INITS`, else an :class:`OptionError` (a
+    ValueError too, so a strategy's factory can use it as is; it names ``where`` when given)."""
     if init not in LAYER_INITS:
-        raise BitlmError(f"{where}: init must be one of {', '.join(LAYER_INITS)}, got {init!r}")
+        prefix = f"{where}: " if where else ""
+        raise OptionError(f"{prefix}init must be one of {', '.join(LAYER_INITS)}, got {init!r}")
+    return init
 
 
 def add_layers(model, n: int, init: str = "copy") -> None:
@@ -45,11 +49,11 @@ def add_layers(model, n: int, init: str = "copy") -> None:
 
     import torch
 
-    from bitlm_core.model import Block
+    from bitlm_core.model.layers import Block, init_weights
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise BitlmError(f"add_layers: n must be a positive integer, got {n!r}")
-    _check_init("add_layers", init)
+    check_init(init, "add_layers")
     ref = next(model.parameters())
     existing = list(model.blocks)
     for i in range(n):
@@ -59,7 +63,7 @@ def add_layers(model, n: int, init: str = "copy") -> None:
             block = copy.deepcopy(source, memo={id(backend): backend})
         else:
             block = Block(model.cfg, existing[0].attn.backend if existing else None)
-            block.apply(model._init_weights)
+            block.apply(init_weights)
             block.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for proj in (block.attn.proj, block.mlp.proj):
@@ -79,11 +83,13 @@ def widen_feedforward(model, d_ff: int, init: str = "copy") -> None:
     import torch
     import torch.nn as nn
 
+    from bitlm_core.model.layers import INIT_STD
+
     old_ff = model.cfg.d_ff
     if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff <= old_ff:
         raise BitlmError(f"widen_feedforward: d_ff must be an integer above the model's "
                          f"{old_ff}, got {d_ff!r}; it only grows")
-    _check_init("widen_feedforward", init)
+    check_init(init, "widen_feedforward")
     source = torch.arange(old_ff, d_ff) % old_ff
     for block in model.blocks:
         fc, proj = block.mlp.fc, block.mlp.proj
@@ -112,8 +118,6 @@ def fit_to_config(model, saved: dict[str, Any] | None) -> None:
     scaling strategy grew the model saved more positions, layers or feed-forward units than the
     spec builds; anything else that differs is left for the weight loader to report.
     """
-    from bitlm_core.longcontext import expand_positional_encoding
-
     saved = saved or {}
     frames, layers, d_ff = (saved.get(k) for k in ("max_frames", "n_layers", "d_ff"))
     for key, value in (("max_frames", frames), ("n_layers", layers), ("d_ff", d_ff)):
@@ -128,42 +132,30 @@ def fit_to_config(model, saved: dict[str, Any] | None) -> None:
         widen_feedforward(model, d_ff)
 
 
-def carry_optimizer_state(old_state, before: dict[str, Any], model, new_state) -> int:
-    """Move optimizer state (Adam moments, step counts) across a growth.
+def expand_positional_encoding(model, max_frames: int) -> None:
+    """Grow ``model`` to ``max_frames`` frames of context (``max_frames * frame_bits`` positions
+    for the flat layout), in place.
 
-    ``old_state`` is the optimizer's ``state`` before the growth, keyed by parameter;
-    ``before`` maps the model's parameter names to the parameters it had then; ``new_state``
-    is the new optimizer's ``state``. A parameter that survived keeps its state. A parameter
-    that a growth replaced by a larger one of the same name (more positions, more feed-forward
-    units: the trained values sit in its leading corner) gets the old moments in that corner,
-    so the trained part does not restart its moment estimates. The new entries start with both
-    moments at zero. Their first Adam step is then the learning rate, as for a new parameter,
-    but the next ones grow to about twice it for some tens of steps: the step count, carried for
-    the whole tensor, has already switched off Adam's start-up correction. That was measured and
-    kept: starting their second moment at the trained entries' mean instead, which keeps those
-    steps small, ended 0.04 bits per byte worse on two seeds (benchmarks/scaling.py, width).
-    Returns how many parameters kept state.
+    The existing rows of the learned position table are kept and new rows are drawn like the
+    originals were at initialisation, so the outputs on positions the model already had do not
+    change (causal attention never looks at later positions). The model's config is updated, so
+    a checkpoint saved afterwards records the new size.
     """
     import torch
+    import torch.nn as nn
 
-    kept = 0
-    for name, p in model.named_parameters():
-        old = before.get(name)
-        if old is None or old not in old_state:
-            continue
-        if old is p:
-            new_state[p] = old_state[p]
-        elif old.dim() == p.dim() and all(o <= n for o, n in zip(old.shape, p.shape)):
-            corner = tuple(slice(0, o) for o in old.shape)
-            moved = {}
-            for key, value in old_state[old].items():
-                if torch.is_tensor(value) and value.shape == old.shape:
-                    grown = torch.zeros_like(p, dtype=value.dtype)
-                    grown[corner] = value
-                    value = grown
-                moved[key] = value
-            new_state[p] = moved
-        else:
-            continue
-        kept += 1
-    return kept
+    from bitlm_core.model.layers import INIT_STD
+
+    old = model.pos
+    new_cfg = dataclasses.replace(model.cfg, max_frames=max_frames)
+    n_new = new_cfg.max_positions
+    if n_new < old.num_embeddings:
+        raise BitlmError(f"expand_positional_encoding: {max_frames} frames is fewer than the "
+                         f"model has ({model.cfg.max_frames}); it only grows")
+    table = nn.Embedding(n_new, old.embedding_dim, device=old.weight.device,
+                         dtype=old.weight.dtype)
+    with torch.no_grad():
+        nn.init.normal_(table.weight, mean=0.0, std=INIT_STD)
+        table.weight[: old.num_embeddings] = old.weight
+    model.pos = table
+    model.cfg = new_cfg

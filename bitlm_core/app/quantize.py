@@ -1,72 +1,21 @@
-"""Weight quantization: a trained run's matrices stored as int8, about 4x smaller on disk.
+"""``bitlm quantize``: a copy of a run whose weight matrices are stored as int8.
 
-Scheme ``int8-rowwise`` (symmetric, one scale per output row): for every floating-point matrix
-with at least :data:`MIN_ELEMENTS` entries (linear layers, embedding tables), each row ``w`` is
-stored as ``q = round(w / s)`` in ``[-127, 127]`` with ``s = max|w| / 127``, and ``s`` is stored
-beside it as ``<name>.qscale`` (float32). Vectors (biases, norms) and small matrices stay as they
-are. Loading multiplies back (``q * s``, error at most ``s / 2`` per weight) and runs the float
-model: the gain is storage and download size, not speed.
-
-The checkpoint's ``model.safetensors`` says ``bitlm_weights: int8-rowwise`` in its metadata, and
-:func:`bitlm_core.checkpoint.load_weights` dequantizes such files, so ``bitlm eval`` and
-``bitlm sample`` read a quantized run like any other. There is no optimizer state: a quantized
-run is for inference, not for more training.
+The format is :mod:`bitlm_core.store.quantized`; this module writes a whole run folder in it,
+safely (built beside the target, renamed into place, never over anything but a quantized run).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
+from bitlm_core.app.loading import load_run
 from bitlm_core.errors import CheckpointError
-
-SCHEME = "int8-rowwise"
-METADATA_KEY = "bitlm_weights"
-SCALE_SUFFIX = ".qscale"
-MIN_ELEMENTS = 1024  # smaller matrices are not worth a scale per row
-
-
-def quantize_state(weights: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Float tensors by name -> (tensors to save, names of the matrices stored as int8)."""
-    import torch
-
-    out: dict[str, Any] = {}
-    quantized = []
-    for name, w in weights.items():
-        if name.endswith(SCALE_SUFFIX):
-            raise CheckpointError(f"tensor {name!r} already looks quantized; quantize the "
-                                  "original run, not a quantized one")
-        if w.is_floating_point() and w.dim() == 2 and w.numel() >= MIN_ELEMENTS:
-            w32 = w.detach().float().cpu()
-            scale = w32.abs().amax(dim=1) / 127.0
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            out[name] = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-            out[name + SCALE_SUFFIX] = scale.contiguous()
-            quantized.append(name)
-        else:
-            out[name] = w.detach().contiguous().cpu()
-    return out, quantized
-
-
-def dequantize_state(tensors: dict[str, Any], source: str) -> dict[str, Any]:
-    """Tensors of an ``int8-rowwise`` file -> float32 tensors under the model's names."""
-    import torch
-
-    out = {}
-    scales = {n[: -len(SCALE_SUFFIX)]: t for n, t in tensors.items() if n.endswith(SCALE_SUFFIX)}
-    for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIX):
-            if name[: -len(SCALE_SUFFIX)] not in tensors:
-                raise CheckpointError(f"{source}: scale {name!r} has no int8 matrix beside it")
-            continue
-        if t.dtype != torch.int8:
-            out[name] = t
-            continue
-        scale = scales.get(name)
-        if scale is None or scale.dim() != 1 or t.dim() != 2 or scale.numel() != t.shape[0]:
-            raise CheckpointError(f"{source}: int8 tensor {name!r} has no matching row scales "
-                                  f"({name + SCALE_SUFFIX}); the file is damaged")
-        out[name] = t.float() * scale.float()[:, None]
-    return out
+from bitlm_core.store.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from bitlm_core.store.quantized import METADATA_KEY, SCHEME, quantize_state
+from bitlm_core.store.rundir import SPEC_FILE
 
 
 def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
@@ -77,13 +26,6 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     ``dst`` and renamed into place, so an interrupted call leaves no half-written run. Returns
     what was done: tensors quantized, bytes before and after.
     """
-    import os
-    import shutil
-    from pathlib import Path
-
-    from bitlm_core.checkpoint import save_checkpoint
-    from bitlm_core.run import SPEC_FILE, load_run
-
     src, dst = Path(src), Path(dst)
     run = load_run(src)  # checks src and that its weights fit the model its spec builds
     ckpt, state = run.checkpoint, run.state  # the one checkpoint the weights came from
@@ -131,9 +73,6 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
 
 def _is_quantized_run(folder: Any) -> bool:
     """A folder this module wrote: a spec and a newest checkpoint marked as quantized."""
-    from bitlm_core.checkpoint import latest_checkpoint, read_state
-    from bitlm_core.run import SPEC_FILE
-
     if not (folder / SPEC_FILE).is_file():
         return False
     ckpt = latest_checkpoint(folder)

@@ -1,24 +1,80 @@
-"""Gated generation: telemetry on each sample, a safety gate's verdict, retries, drift alerts.
+"""Generating text from a model: samples, their telemetry and gate verdicts, retries.
 
-* :func:`sample_metrics` computes the run's telemetry metrics on a sample's new bits, with the
-  model's causal probabilities for the metrics that need them (symbiosis).
+* :func:`generate` samples ``n_bytes`` after a prompt, decodes them, and lets a safety gate
+  judge the sample's telemetry (computed on its new bits, with the model's own probabilities).
 * :func:`hil_safe_inference` samples once and lets the gate judge: strict mode raises
   :class:`SafetyError` naming the metric, its value and its floor; otherwise a
   :class:`SafetyWarning` is issued and the sample is returned with its decision.
 * :func:`safe_sample_with_retry` tries again with new seeds, then with the other samplers it
   is given (for example ``diffusion``), up to ``max_retries`` retries, and records every attempt.
-* :func:`detect_metric_drift` compares the mean of the last ``window`` values of a metric with
-  the mean of the ``window`` before them.
+* :func:`decompress_sample` reads a sample as a codec stream (``compression.decompress_output``).
 """
 
 from __future__ import annotations
 
-import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from bitlm_core.errors import SafetyError
+from bitlm_core.components import Components
+from bitlm_core.errors import BitsError, CodecError, SafetyError
+from bitlm_core.interfaces import GateDecision
+
+
+@dataclass
+class SampleResult:
+    text: str
+    bits: Any
+    decision: Any
+    parity_fixed: int = 0
+    seconds: float = 0.0
+    prompt_bits: int = 0  # how many of ``bits`` are the prompt's
+
+
+def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, gate=None,
+             telemetry: dict[str, Any] | None = None, strict: bool = False) -> SampleResult:
+    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through ``gate``."""
+    import numpy as np
+    import torch
+
+    from bitlm_core.engine.telemetry import sample_metrics
+
+    enc = encoder
+    prompt_bits = enc.encode(prompt.encode("utf-8"))
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    bits = sampler.sample(model, prompt_bits, n_bytes, gen, enc)
+    frames = bits.cpu().numpy().reshape(-1, enc.frame_bits)
+    frames, fixed = enc.enforce(frames)  # a no-op for samplers that already enforce parity
+    fixed += getattr(sampler, "parity_fixed", 0)
+    new = frames[len(prompt_bits) // enc.frame_bits:]
+    text = enc.decode(torch.from_numpy(np.ascontiguousarray(new.reshape(-1)))).decode(
+        "utf-8", errors="replace")
+    full = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1)))
+    metrics = sample_metrics(model, enc, full, len(prompt_bits), telemetry or {},
+                             causal=bool(sampler.causal))
+    decision = gate.check(metrics) if gate is not None else GateDecision(True, (), metrics)
+    if not decision and strict:
+        raise SafetyError("safety gate blocked the sample: " + "; ".join(decision.reasons))
+    return SampleResult(prompt + text, bits, decision, fixed, time.perf_counter() - start,
+                        len(prompt_bits))
+
+
+def decompress_sample(result: SampleResult, comps: Components) -> str:
+    """``compression.decompress_output``: what the sample generated after its prompt, read as a
+    codec stream, or why it is not one."""
+    from bitlm_core.engine.compression import model_output_decompress
+
+    try:
+        bits = model_output_decompress(result.bits[result.prompt_bits:], comps.compressor,
+                                       comps.encoder)
+    except (CodecError, BitsError) as exc:
+        return f"(not a valid stream: {exc})"
+    try:
+        return comps.encoder.decode(bits).decode("utf-8", errors="replace")
+    except BitsError as exc:
+        return f"({bits.numel()} bits that are not {comps.encoder.name} text: {exc})"
 
 
 class SafetyWarning(UserWarning):
@@ -41,63 +97,12 @@ class Attempt:
 class SafeSample:
     """The sample returned (the first allowed one, or the last tried) and every attempt."""
 
-    result: Any  # bitlm_core.run.SampleResult
+    result: SampleResult
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
     def allowed(self) -> bool:
         return bool(self.result.decision)
-
-
-def next_bit_probs(model, bits):
-    """P(bit = 1) at every position of ``bits`` (B, L) from one causal forward pass, without
-    gradients, in evaluation mode (the model's mode is restored)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.softmax(model(bits, causal=True).float(), dim=-1)[..., 1]
-    finally:
-        model.train(was_training)
-
-
-def metric_values(telemetry: Mapping[str, Any], bits, probs=None) -> dict[str, float]:
-    """Each metric's mean over the rows of ``bits``; metrics that cannot be computed (one that
-    needs ``probs`` when there are none) are left out."""
-    from bitlm_core.errors import BitlmError
-
-    values: dict[str, float] = {}
-    for name, metric in telemetry.items():
-        try:
-            values[name] = float(metric(bits, probs).float().mean())
-        except BitlmError:
-            continue
-    return values
-
-
-def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[str, Any],
-                   causal: bool = True) -> dict[str, float]:
-    """Telemetry of the bits a sample added after its prompt.
-
-    For a causal model the probabilities come from one causal forward pass over the last
-    context's worth of the sample, so metrics that need them (symbiosis) can be computed; for a
-    non-causal one (``causal=False``) those metrics are left out (a gate then reports them
-    missing).
-    """
-    new = bits[prompt_bits:]
-    if not telemetry or new.numel() == 0:
-        return {}
-    probs = None
-    if causal and getattr(model, "cfg", None) is not None:
-        Fb = encoder.frame_bits
-        keep = min(new.numel(), (model.cfg.max_frames - 1) * Fb)
-        window = bits[bits.numel() - min(bits.numel(), model.cfg.max_frames * Fb):]
-        p = next_bit_probs(model, window.view(1, -1))[0]
-        probs = p[p.numel() - keep:].view(1, -1)
-        new = new[new.numel() - keep:]
-    return metric_values(telemetry, new.view(1, -1), probs)
 
 
 def _blocked_message(decision, what: str = "sample") -> str:
@@ -109,8 +114,6 @@ def _blocked_message(decision, what: str = "sample") -> str:
 def hil_safe_inference(model, encoder, sampler, prompt: str, n_bytes: int, *, gate,
                        telemetry: Mapping[str, Any], seed: int = 0, strict: bool = False):
     """One gated sample. Strict: :class:`SafetyError` when blocked; else warn and return it."""
-    from bitlm_core.run import generate
-
     result = generate(model, encoder, sampler, prompt, n_bytes, seed=seed, gate=gate,
                       telemetry=telemetry, strict=False)
     if not result.decision:
@@ -132,8 +135,6 @@ def safe_sample_with_retry(model, encoder, samplers: Sequence[Any], prompt: str,
     result. When every attempt is blocked, strict mode raises :class:`SafetyError` listing them;
     otherwise the last attempt is returned with a :class:`SafetyWarning`.
     """
-    from bitlm_core.run import generate
-
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if not samplers:
@@ -171,40 +172,3 @@ def safe_sample_with_retry(model, encoder, samplers: Sequence[Any], prompt: str,
     return SafeSample(result, attempts)
 
 
-@dataclass(frozen=True)
-class Drift:
-    """The relative change of a metric's recent mean against the window before it."""
-
-    metric: str
-    previous: float
-    recent: float
-    change: float  # |recent - previous| / max(|previous|, eps)
-    threshold: float
-
-    @property
-    def alert(self) -> bool:
-        return self.change > self.threshold
-
-    def __str__(self) -> str:
-        return (f"{self.metric} drifted from {self.previous:.4g} to {self.recent:.4g} "
-                f"({self.change:.0%} change, threshold {self.threshold:.0%})")
-
-
-def detect_metric_drift(history: Sequence[float], window: int, threshold: float,
-                        metric: str = "metric", eps: float = 1e-8) -> Optional[Drift]:
-    """Mean of the last ``window`` values against the mean of the ``window`` before them.
-
-    Returns ``None`` until there are ``2 * window`` finite values; otherwise a :class:`Drift`
-    whose ``alert`` says whether the relative change exceeds ``threshold``.
-    """
-    if window < 1:
-        raise ValueError(f"drift window must be >= 1, got {window}")
-    if threshold < 0:
-        raise ValueError(f"drift threshold must be >= 0, got {threshold}")
-    values = [float(v) for v in history if v is not None and math.isfinite(float(v))]
-    if len(values) < 2 * window:
-        return None
-    previous = sum(values[-2 * window:-window]) / window
-    recent = sum(values[-window:]) / window
-    change = abs(recent - previous) / max(abs(previous), eps)
-    return Drift(metric, previous, recent, change, threshold)

@@ -22,41 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from bitlm_core.errors import CheckpointError
+from bitlm_core.store.atomic import atomic_write_text, fsync_dir
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def optimizer_tensors(optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -116,7 +85,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / "latest", name + "\n")
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
@@ -151,7 +120,7 @@ def load_weights(ckpt: Path, model) -> None:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from bitlm_core.quantize import METADATA_KEY, SCHEME, dequantize_state
+    from bitlm_core.store.quantized import METADATA_KEY, SCHEME, dequantize_state
 
     path = str(ckpt / "model.safetensors")
     try:

@@ -1,0 +1,141 @@
+"""``bitlm run``: train (or resume), evaluate, sample, and write the run folder.
+
+:func:`execute` is the whole command without the CLI around it, in four steps: build the
+components, :func:`open_run` (folder, data, model, trainer, resumed state), ``Trainer.fit``,
+:func:`finish_run` (final evaluation, samples, summary). The run folder's layout is
+:mod:`bitlm_core.store.rundir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from bitlm_core.app.build import build_model, fit_to_checkpoint
+from bitlm_core.app.generate import SampleResult, decompress_sample, generate
+from bitlm_core.app.textstats import vocabulary, word_share
+from bitlm_core.components import Components, build
+from bitlm_core.engine.callbacks import BUILTIN
+from bitlm_core.engine.evaluation import evaluate
+from bitlm_core.engine.runtime import set_threads
+from bitlm_core.engine.trainer import Trainer, TrainState
+from bitlm_core.registry import get_registry
+from bitlm_core.spec import RunSpec
+from bitlm_core.store.checkpoint import latest_checkpoint, load_optimizer, load_weights, read_state
+from bitlm_core.store.rundir import (DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, prepare_run_dir)
+
+
+def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
+            log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+    """Train (or resume), evaluate, sample; return the summary written to summary.json."""
+    comps = Components.build(spec)
+    trainer, state, train_text = open_run(comps, run_dir, restart, log, progress)
+    if state.step < comps.spec.train.steps:
+        state = trainer.fit(state)
+    return finish_run(trainer, state, comps, train_text)
+
+
+def load_dataset(spec: RunSpec, comps: Components, run_dir: Path):
+    """The corpus encoded into the run folder, and the training text (for the word share)."""
+    from bitlm_core.engine.dataset import prepare_dataset
+
+    corpus = build(comps.resolved["data.corpus"])
+    data = corpus.read()
+    dataset = prepare_dataset(data, comps.encoder, spec.data.seq_len, spec.data.val_fraction,
+                              run_dir / DATA_DIR, source=f"corpus '{spec.data.corpus.name}'",
+                              require_utf8=spec.data.require_utf8)
+    return dataset, data[: len(data) - dataset.val.n_frames]
+
+
+def build_callbacks(comps: Components) -> list[Any]:
+    """bitlm's own callbacks in their order, then the spec's ``callbacks``."""
+    registry = get_registry()
+    own = [registry.build("callback", name) for name in BUILTIN]
+    return own + [build(res) for res in comps.resolved.values() if res.kind == "callback"]
+
+
+def open_run(comps: Components, run_dir: Path | None, restart: bool,
+             log: Callable[[str], None], progress) -> tuple[Trainer, TrainState, bytes]:
+    """Prepare the folder, data and model; resume from the newest checkpoint when there is
+    one. Returns the trainer, the state to continue from, and the training text."""
+    spec = comps.spec
+    run_dir = Path(run_dir or spec.run_dir())
+    resume = prepare_run_dir(spec, run_dir, restart)
+    set_threads(spec.train.threads)
+    dataset, train_text = load_dataset(spec, comps, run_dir)
+    model = build_model(spec, comps)
+    attention = getattr(comps.attention, "name", spec.attention.name)
+    log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
+        f"parameters, attention {attention}  |  {dataset.train.n_frames:,} training bytes, "
+        f"{dataset.val.n_frames:,} held-out")
+
+    def meta(state: TrainState) -> dict[str, Any]:
+        return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
+                "elapsed": state.elapsed, "metrics": state.metrics}
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    saved = read_state(ckpt) if ckpt is not None else None
+    if saved is not None:
+        fit_to_checkpoint(model, saved)  # before the optimizer is built over its parameters
+        dataset = dataclasses.replace(dataset, seq_frames=model.cfg.max_frames)
+    trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
+                      compressor=comps.compressor if spec.compression.prob > 0 else None,
+                      encoder=comps.encoder, telemetry=comps.telemetry,
+                      regularisers=comps.regularisers, scaling=comps.scaling,
+                      callbacks=build_callbacks(comps), progress=progress, log=log)
+    state = TrainState()
+    if saved is not None:
+        load_weights(ckpt, model)
+        load_optimizer(ckpt, trainer.optimizer, saved)
+        state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
+                           metrics=saved.get("metrics", {}))
+        log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
+    return trainer, state, train_text
+
+
+def finish_run(trainer: Trainer, state: TrainState, comps: Components,
+               train_text: bytes) -> dict[str, Any]:
+    """Score the whole held-out split, write samples and the summary; return the summary."""
+    spec, model, log = comps.spec, trainer.model, trainer.log
+    final = evaluate(model, comps.objective, trainer.dataset, spec.train.batch_size)
+    trainer.write_metrics({"split": "val", "step": state.step, "final": True, **final})
+    label = "bound on " if final["bound"] else ""
+    log(f"held-out {label}bits per byte: {final['bits_per_byte']:.4f} over {final['bytes']:,} "
+        f"bytes")
+    samples = [generate(model, comps.encoder, comps.sampler, spec.sample.prompt,
+                        spec.sample.bytes, seed=spec.sample.seed + i, gate=comps.gate,
+                        telemetry=comps.telemetry, strict=spec.safety.strict)
+               for i in range(spec.sample.count)]
+    vocab = vocabulary(train_text)
+    shares = [word_share(s.text.encode("utf-8"), vocab) for s in samples]
+    shares = [x for x in shares if x is not None]
+    words_known = sum(shares) / len(shares) if shares else None
+    if words_known is not None:
+        log(f"sampled words found in the training text: {words_known:.0%}")
+    write_samples(trainer.run_dir, samples, comps)
+    summary = {
+        "run_dir": str(trainer.run_dir), "steps": state.step,
+        "train_seconds": round(state.elapsed, 2), "parameters": model.num_parameters(),
+        "layout": spec.model.layout, "held_out_bits_per_byte": final["bits_per_byte"],
+        "held_out_bytes": final["bytes"], "is_bound": final["bound"],
+        "samples": [s.text for s in samples], "sample_words_in_training_text": words_known,
+    }
+    (trainer.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def write_samples(run_dir: Path, samples: list[SampleResult], comps: Components) -> None:
+    """``samples.txt``: each sample with its seed and gate verdict (and, with
+    ``compression.decompress_output``, what it decompresses to)."""
+    spec = comps.spec
+    decompressed = ([decompress_sample(s, comps) for s in samples]
+                    if spec.compression.decompress_output else [None] * len(samples))
+    with open(run_dir / SAMPLES_FILE, "w", encoding="utf-8") as f:
+        for i, (s, d) in enumerate(zip(samples, decompressed)):
+            f.write(f"--- sample {i} (seed {spec.sample.seed + i}"
+                    f"{', blocked: ' + '; '.join(s.decision.reasons) if not s.decision else ''})"
+                    f" ---\n{s.text}\n")
+            if d is not None:
+                f.write(f"--- sample {i} read as a {spec.compression.name} stream ---\n{d}\n")

@@ -1,0 +1,131 @@
+"""The ``bitlm`` command line (Typer + rich): bitlm's own commands, then the plugins'.
+
+``run``, ``validate``, ``eval``, ``sample`` and ``plugins`` are the CLI's own; every other
+command comes from a ``bitlm_commands`` record, bitlm's ``codec`` and ``quantize`` included.
+Plugin commands are added when the CLI starts, each checked on its own: one whose module fails
+to import, whose factory returns something else than a Typer app or a function, whose name is
+taken, or that Typer cannot build is skipped, and its plugin is listed as failed.
+
+Start-up stays fast: nothing here imports torch or numpy; commands import them when they run.
+Every command reports errors through :func:`bitlm_core.cli.errors.guard`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+# One thread that waits passively beats two busy-waiting ones for small models on a 2-core
+# machine (BENCHMARKS.md); must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+
+from bitlm_core.cli import inference, plugins, run  # noqa: E402
+from bitlm_core.cli.errors import _state, guard, out, show_plugin_warning  # noqa: E402
+from bitlm_core.errors import PluginError  # noqa: E402
+
+app = typer.Typer(
+    name="bitlm",
+    help="Train, evaluate and sample bit-native transformer language models.\n\n"
+         "`bitlm run` with no spec trains the embedded quickstart.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bitlm_core import __version__
+
+        out.print(f"bitlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug or os.environ.get("BITLM_DEBUG", "") not in ("", "0")
+    warnings.showwarning = show_plugin_warning
+
+
+app.command()(run.run)
+app.command()(run.validate)
+app.add_typer(plugins.plugins_app, name="plugins")
+app.command("eval")(inference.eval_)
+app.command()(inference.sample)
+
+
+def command_names(typer_app: typer.Typer) -> set[str]:
+    """The names ``bitlm`` already answers to."""
+    names = {info.name or info.callback.__name__.replace("_", "-")
+             for info in typer_app.registered_commands}
+    return names | {info.name for info in typer_app.registered_groups}
+
+
+def guard_all(typer_app: typer.Typer) -> None:
+    """Wrap every command of ``typer_app`` and of its groups in :func:`guard`."""
+    for info in typer_app.registered_commands:
+        info.callback = guard(info.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            guard_all(group.typer_instance)
+
+
+def command_from(record, made: Any) -> typer.Typer:
+    """A plugin command as a Typer app of its own (a group, or one command), or a TypeError."""
+    if isinstance(made, typer.Typer):
+        return made
+    if callable(made):
+        single = typer.Typer()
+        single.command(name=record.name, help=None if made.__doc__ else record.description)(made)
+        return single
+    raise TypeError(f"its factory returned {type(made).__name__}; return a typer.Typer (a "
+                    "command group) or a function (one command)")
+
+
+def add_plugin_commands(typer_app: typer.Typer) -> None:
+    """Add every ``bitlm_commands`` record's command; skip (and fail) the plugins that break."""
+    from bitlm_core.plugins import describe_exception, get_manager
+    from bitlm_core.registry import Registry, load_factory
+
+    try:
+        manager = get_manager(defer_warnings=True)  # shown when a command uses the registry
+        records = Registry(manager, raise_conflicts=False, kinds=("command",)).records
+    except PluginError:  # strict mode: every command that uses plugins reports it
+        return
+    for record in records["command"].values():
+        info = manager.infos[record.plugin]
+        if info.status != "active":
+            continue
+        try:
+            if record.name in command_names(typer_app):
+                raise ValueError(f"the command name '{record.name}' is already taken")
+            made = load_factory(record)()
+            command = command_from(record, made)
+            typer.main.get_command(command)  # Typer builds it now, or says why it cannot
+        except Exception as exc:
+            try:
+                manager.fail(info, f"command '{record.name}': {describe_exception(exc)}")
+            except PluginError:
+                return
+            continue
+        if command is made:  # a group
+            help_text = {} if command.info.help else {"help": record.description}
+            typer_app.add_typer(command, name=record.name, **help_text)
+        else:
+            typer_app.registered_commands.extend(command.registered_commands)
+
+
+add_plugin_commands(app)
+guard_all(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,76 @@
+"""How every ``bitlm`` command reports errors, and the consoles it prints on.
+
+A :class:`~bitlm_core.errors.BitlmError` (bad input) prints one ``error:`` line on stderr and
+exits with its status (2; 3 for a strict safety gate); Ctrl-C says how to resume and exits with
+130; any other exception is a bug, reported as an internal error with exit status 1. With
+``--debug`` (or ``BITLM_DEBUG=1``) the traceback is shown instead. :func:`guard` gives a
+command this behaviour; the CLI applies it to every command, bitlm's and plugins' alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from bitlm_core.errors import BitlmError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": os.environ.get("BITLM_DEBUG", "") not in ("", "0")}
+_default_showwarning = warnings.showwarning
+
+
+@contextmanager
+def user_errors():
+    """Turn bitlm errors into one message and an exit status; keep tracebacks for --debug."""
+    try:
+        yield
+    except BitlmError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err.print("interrupted. Run the same command again to resume from the last checkpoint.")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug, not bad input: say so, and how to see more
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                  "Run again with --debug for the traceback.", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def guard(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` reporting errors as :func:`user_errors` does (Typer reads the wrapped
+    function's signature, so its options are unchanged)."""
+    if getattr(command, "__bitlm_guarded__", False):
+        return command
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        with user_errors():
+            return command(*args, **kwargs)
+
+    guarded.__bitlm_guarded__ = True
+    return guarded
+
+
+def show_plugin_warning(message, category, filename, lineno, file=None, line=None):
+    """Plugin warnings as one yellow line; every other warning as Python shows it."""
+    from bitlm_core.plugins import PluginWarning
+
+    if issubclass(category, PluginWarning):
+        err.print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)

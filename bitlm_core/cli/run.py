@@ -1,0 +1,79 @@
+"""``bitlm run`` and ``bitlm validate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from bitlm_core.cli.errors import err, out
+
+OverrideOpt = typer.Option(None, "--override", "-o", metavar="KEY=VALUE",
+                           help="Override a spec value by dotted path, e.g. -o train.steps=200. "
+                                "Repeatable; values are parsed as YAML.")
+
+
+def run(
+    spec: Optional[Path] = typer.Argument(None, help="Run spec (YAML). Omit for the quickstart."),
+    override: Optional[List[str]] = OverrideOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: "
+                                           "output.dir of the spec, else runs/<name>)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an existing run in the "
+                                 "folder instead of resuming it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a model from a spec, evaluate held-out bits per byte, and sample text.
+
+    Running again into the same folder resumes from the newest checkpoint.
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from bitlm_core.app.run import execute
+    from bitlm_core.spec import load_spec
+
+    run_spec = load_spec(spec, override or [])
+    progress = None if quiet else Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        console=err, transient=False)
+    log = (lambda msg: None) if quiet else err.print
+    if progress is not None:
+        with progress:
+            summary = execute(run_spec, out_dir, restart=restart, progress=progress,
+                              log=progress.console.print)
+    else:
+        summary = execute(run_spec, out_dir, restart=restart, log=log)
+    label = "bound on held-out" if summary["is_bound"] else "held-out"
+    out.print(f"{label} bits per byte: {summary['held_out_bits_per_byte']:.4f} "
+              f"({summary['held_out_bytes']:,} bytes, {summary['steps']} steps)")
+    for i, text in enumerate(summary["samples"]):
+        out.print(f"--- sample {i} ---")
+        out.print(text, markup=False)
+    if summary.get("sample_words_in_training_text") is not None:
+        out.print(f"sampled words found in the training text: "
+                  f"{summary['sample_words_in_training_text']:.0%}")
+    out.print(f"run folder: {summary['run_dir']}")
+
+
+def validate(
+    spec: Path = typer.Argument(..., help="Run spec (YAML) to check."),
+    override: Optional[List[str]] = OverrideOpt,
+) -> None:
+    """Check a spec: keys, types, component names and their options. Builds no tensors."""
+    from bitlm_core.components import complete_spec, resolve_spec
+    from bitlm_core.spec import load_spec
+
+    run_spec = load_spec(spec, override or [])
+    resolved = resolve_spec(run_spec)
+    table = Table(title=f"{spec} is valid", show_lines=False)
+    for col in ("slot", "component", "from", "options"):
+        table.add_column(col)
+    for path, res in resolved.items():
+        table.add_row(path, res.record.name, res.record.plugin or "",
+                      json.dumps(res.options) if res.options else "")
+    out.print(table)
+    out.print(f"run folder: {run_spec.run_dir()}")

@@ -1,0 +1,205 @@
+"""The training loop: optimizer steps, and callbacks for everything that happens around them.
+
+:meth:`Trainer.fit` is the loop (schedule, micro-batches, clip, step, then the callbacks);
+:meth:`Trainer.step` is one optimizer step. Evaluation, checkpoints, telemetry and drift,
+growth, attention maps, the progress bar and the time limit are callbacks
+(:mod:`bitlm_core.engine.callbacks`), each told about the run through the events of
+:class:`~bitlm_core.engine.callbacks.Callback`.
+
+Reproducibility: the model is initialised from ``train.seed``; the batch of step ``s`` is drawn
+from a generator seeded with ``(seed, s)`` and dropout from ``seed`` and ``s`` too, so a run
+resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from bitlm_core.engine.compression import CompressionFeed, RoundTrip, compression_prob
+from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
+from bitlm_core.engine.telemetry import Regularisers
+from bitlm_core.errors import BitlmError
+from bitlm_core.spec import RunSpec
+from bitlm_core.store.checkpoint import save_checkpoint
+from bitlm_core.store.rundir import MetricsLog
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumed sessions
+    metrics: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
+
+
+@dataclass
+class Batch:
+    """A micro-batch of windows (B, L), and its codec round trip when it was drawn for one."""
+
+    bits: Any
+    trip: Optional[RoundTrip] = None
+
+
+class RunningMeans:
+    """Means of per-batch figures since the last log line (``raw/loss``, ``reg/K``, ...), and
+    how many raw and compressed batches they cover (``raw/batches``)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def drain(self) -> dict[str, float]:
+        out: dict[str, float] = {k: s / self.counts[k] for k, s in self.sums.items()}
+        for split in ("raw", "compressed"):
+            if f"{split}/loss" in self.counts:
+                out[f"{split}/batches"] = self.counts[f"{split}/loss"]
+        self.sums, self.counts = {}, {}
+        return out
+
+
+class Trainer:
+    """Runs the optimizer steps of one run folder.
+
+    Callbacks read what they need from the trainer: ``spec``, ``model``, ``objective``,
+    ``dataset``, ``optimizer``, ``telemetry`` (metrics by name), ``scaling`` (a strategy or
+    None), ``run_dir``, ``progress`` (a rich Progress or None), ``log`` (one line of text) and
+    ``means``; they write records with :meth:`write_metrics`, save with :meth:`checkpoint`,
+    tell each other with :meth:`emit` and end the run with :meth:`request_stop`.
+    """
+
+    def __init__(self, spec: RunSpec, model, objective, dataset, run_dir: Path,
+                 meta: Callable[[TrainState], dict[str, Any]], compressor=None, encoder=None,
+                 telemetry: Mapping[str, Any] | None = None,
+                 regularisers: Mapping[str, tuple[float, Any]] | None = None, scaling=None,
+                 callbacks: Sequence[Any] = (), progress=None,
+                 log: Callable[[str], None] = print):
+        self.spec, self.t = spec, spec.train
+        self.model, self.objective, self.dataset = model, objective, dataset
+        self.run_dir, self.meta = Path(run_dir), meta
+        self.feed = (CompressionFeed(compressor, encoder, spec.compression.name)
+                     if compressor is not None else None)
+        self.telemetry = dict(telemetry or {})
+        self.regularisers = Regularisers(regularisers or {})
+        self.scaling = scaling
+        self.callbacks = list(callbacks)
+        self.progress, self.log = progress, log
+        self.optimizer = make_optimizer(model, self.t)
+        self.means = RunningMeans()
+        self.metrics = MetricsLog(self.run_dir)
+        self.stop_reason: str | None = None
+
+    # -- what callbacks use -----------------------------------------------------------------
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+    def emit(self, event: str, state: TrainState, *args) -> None:
+        """Call ``event`` (``on_step``, ``on_eval``, ...) of every callback, in order."""
+        for callback in self.callbacks:
+            getattr(callback, event)(self, state, *args)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step (with a checkpoint); the first reason given is kept."""
+        self.stop_reason = self.stop_reason or reason
+
+    def checkpoint(self, state: TrainState) -> Path:
+        path = save_checkpoint(self.run_dir, state.step, self.model, self.optimizer,
+                               self.meta(state), keep=self.spec.output.keep_checkpoints)
+        self.emit("on_checkpoint", state, path)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, state: TrainState) -> TrainState:
+        self.model.train()
+        self.stop_reason = None
+        self.emit("on_fit_start", state)
+        started, before = time.perf_counter(), state.elapsed
+        try:
+            while state.step < self.t.steps and self.stop_reason is None:
+                record = self.step(state)
+                state.step += 1
+                state.elapsed = before + time.perf_counter() - started
+                record.update(step=state.step, time=round(state.elapsed, 3))
+                self.emit("on_step", state, record)
+        except KeyboardInterrupt:
+            self.emit("on_interrupt", state)
+            raise
+        self.emit("on_end", state)
+        if self.stop_reason:
+            self.log(f"stopped early at step {state.step}: {self.stop_reason}")
+        return state
+
+    def step(self, state: TrainState) -> dict[str, float]:
+        """One optimizer step: the schedule's learning rate, ``grad_accum`` micro-batches whose
+        gradients are averaged, clipping, the update."""
+        lr = lr_at(state.step, self.t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(self.t.seed * 1_000_003 + state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        n = self.t.grad_accum
+        loss_sum, bpb_sum, n_compressed = 0.0, 0.0, 0
+        for micro in range(n):
+            batch = self.batch(state.step, micro)
+            out = self.objective(self.model, batch.bits)
+            (self.total_loss(batch, out, state.step) / n).backward()
+            loss_sum += float(out.loss.detach())
+            bpb_sum += out.bits_per_byte
+            n_compressed += batch.trip is not None
+        grad_norm = clip_gradients(self.model, self.t.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss_sum / n, "bits_per_byte": bpb_sum / n, "lr": lr,
+                "grad_norm": grad_norm, "compressed_batches": n_compressed}
+
+    # -- inside a step ----------------------------------------------------------------------
+    def windows(self, step: int, micro: int):
+        """(generator, windows) of a micro-batch: the same for a step whenever it is drawn."""
+        rng = np.random.default_rng([self.t.seed, step, micro])
+        return rng, self.dataset.train_batch(rng, self.t.batch_size)
+
+    def batch(self, step: int, micro: int) -> Batch:
+        """The micro-batch's windows, through the codec and back when drawn for it."""
+        rng, bits = self.windows(step, micro)
+        c = self.spec.compression
+        if self.feed is None or rng.random() >= compression_prob(step, c.prob, c.warmup_steps,
+                                                                 c.ramp_steps):
+            return Batch(bits)
+        trip = self.feed.round_trip(bits)
+        return Batch(trip.bits, trip)
+
+    def total_loss(self, batch: Batch, out, step: int):
+        """The objective's loss, plus the regularisers and the direct-mode loss; their figures
+        go to :attr:`means` (raw and compressed batches apart)."""
+        if not torch.isfinite(out.loss.detach()):
+            raise BitlmError(f"loss became {float(out.loss)} at step {step}; lower train.lr or "
+                             "enable train.grad_clip")
+        loss = out.loss
+        if self.regularisers and out.probs is not None:
+            loss, values = self.regularisers(loss, batch.bits, out.probs)
+            self.means.add({f"reg/{k}": v for k, v in values.items()})
+        split = "raw" if batch.trip is None else "compressed"
+        figures = {"loss": float(out.loss.detach()), "bits_per_byte": out.bits_per_byte}
+        if "accuracy" in out.extras:
+            figures["accuracy"] = out.extras["accuracy"]
+        c = self.spec.compression
+        if batch.trip is not None:
+            figures["ratio"] = batch.trip.ratio
+            if c.direct:
+                direct = self.objective(self.model,
+                                        self.feed.direct_batch(batch.bits, batch.trip.streams))
+                loss = loss + c.direct_weight * direct.loss
+                self.means.add({"direct_loss": float(direct.loss.detach()),
+                                "direct_bits_per_byte": direct.bits_per_byte})
+        self.means.add({f"{split}/{k}": v for k, v in figures.items()})
+        self.means.add({f"objective/{k}": float(v) for k, v in out.extras.items()
+                        if k != "accuracy" and isinstance(v, (int, float))})
+        return loss
