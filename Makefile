@@ -1,5 +1,7 @@
 # bitlm: `make run` trains the quickstart, `make test` runs every test.
 # Both create .venv on first use and install core plus every plugin (editable).
+# `make test-core` runs core's tests in .venv-core, which has no plugin installed: core alone
+# must run end to end (tests that need a plugin skip, saying which).
 #
 # TORCH picks the PyTorch build installed when .venv has none. The default is the CPU wheel of
 # this project's machines; for a GPU build, install it into .venv first (or set TORCH), and pip
@@ -7,12 +9,14 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+CORE_VENV ?= .venv-core
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP  := $(VENV)/.bitlm-installed
+CORE_STAMP := $(CORE_VENV)/.bitlm-installed
 
-.PHONY: run test bench install clean
+.PHONY: run test test-core bench install clean
 
 install: $(STAMP)
 
@@ -28,9 +32,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+$(CORE_STAMP): pyproject.toml
+	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -c "import torch" 2>/dev/null || $(CORE_VENV)/bin/pip install -q "$(TORCH)"
+	$(CORE_VENV)/bin/pip install -q -e ".[test]"
+	touch $(CORE_STAMP)
+
+test-core: $(CORE_STAMP)
+	$(CORE_VENV)/bin/python -m pytest tests
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/telemetry.py
 
 clean:
-	rm -rf $(VENV) runs .hypothesis
+	rm -rf $(VENV) $(CORE_VENV) runs .hypothesis

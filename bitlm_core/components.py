@@ -147,8 +147,8 @@ def check_interface(record: ComponentSpec, component: Any) -> Any:
     missing = [a for a in REQUIRED.get(record.kind, ()) if not hasattr(component, a)]
     if missing:
         raise PluginError(f"{record.kind} '{record.name}' from {record.origin} has no "
-                          f"{', '.join(missing)}; see bitlm_core.interfaces for what a "
-                          f"{record.kind} provides")
+                          f"{', '.join(missing)}, which every {record.kind} declares (see "
+                          "bitlm_core.interfaces)")
     return component
 
 

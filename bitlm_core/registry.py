@@ -69,6 +69,7 @@ class Registry:
                 info.provides.clear()
                 self.manager.fail(info, f"{kind.hook}() raised {describe_exception(exc)}")
                 continue
+            provided = []
             for record in produced:
                 record = record.with_origin(plugin_name, info.distribution)
                 existing = self.records[kind.name].get(record.name)
@@ -80,7 +81,9 @@ class Registry:
                     )
                     continue
                 self.records[kind.name][record.name] = record
-                info.provides.setdefault(kind.name, []).append(record.name)
+                provided.append(record.name)
+            if provided:  # set, not added to: a shared manager may be collected again
+                info.provides[kind.name] = provided
 
     # -- lookup ---------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny corpus and a tiny spec that trains in seconds."""
+"""Shared fixtures (a tiny corpus, a tiny spec that trains in seconds) and the ``needs`` marker.
+
+Core's tests must pass with no plugin installed (``make test-core``). A test that uses a
+plugin's component says so with ``@pytest.mark.needs("kind:name", ...)`` and is skipped, with
+the plugin folder to install in the reason, when the component is not installed or disabled.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,38 @@ import pytest
 import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+#: where in this repository each component the tests use comes from
+PLUGIN_FOLDERS = {
+    "attention:sdpa": "plugins/attention_sdpa",
+    "compressor:rle": "plugins/compression_rle",
+    "compressor:pack": "plugins/compression_pack",
+    "telemetry:negentropy": "plugins/telemetry_kcs",
+    "telemetry:lz_complexity": "plugins/telemetry_kcs",
+    "telemetry:symbiosis": "plugins/telemetry_kcs",
+    "safety:kcs": "plugins/telemetry_kcs",
+    "objective:diffusion": "plugins/diffusion",
+    "sampler:diffusion": "plugins/diffusion",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*components): skip unless every 'kind:name' "
+                                       "component is installed and enabled")
+
+
+def pytest_runtest_setup(item):
+    from bitlm_core.registry import get_registry
+
+    wanted = [c for mark in item.iter_markers("needs") for c in mark.args]
+    if not wanted:
+        return
+    registry = get_registry()
+    missing = [c for c in wanted if registry.get(*c.split(":", 1)) is None]
+    if missing:
+        folders = sorted({PLUGIN_FOLDERS.get(c, "?") for c in missing})
+        pytest.skip(f"needs {', '.join(missing)}: pip install {' '.join(folders)}")
+
 
 TINY_TEXT = ("the cat sat on the mat. the dog sat on the log. " * 60
              + "a bird sang in the tree and the sun was warm. " * 40)

@@ -251,6 +251,34 @@ def test_run_without_spec_uses_the_quickstart(tmp_path):
     saved = yaml.safe_load((tmp_path / "qs" / "spec.yaml").read_text())
     assert saved["data"]["corpus"]["name"] == "quickstart"
     assert saved["model"]["d_model"] == 16  # the override is what was saved
+    # completed: the objective's sampler, and `metrics: all` as the metrics installed
+    assert saved["sample"]["sampler"] == {"name": "autoregressive",
+                                          "options": {"temperature": 0.8}}
+    from bitlm_core.registry import get_registry
+
+    installed = get_registry().names("telemetry")
+    assert [m["name"] for m in saved["telemetry"]["metrics"]] == installed
+    records = [json.loads(line) for line in (tmp_path / "qs" / "metrics.jsonl").open()]
+    telemetry = [r for r in records if r["split"] == "telemetry"]
+    if {"negentropy", "lz_complexity", "symbiosis"} <= set(installed):  # bitlm-telemetry-kcs
+        assert len(telemetry) == 1 and all(
+            f"telemetry/{split}/{m}" in telemetry[0] for split in ("train", "val")
+            for m in ("negentropy", "lz_complexity", "symbiosis"))
+    else:  # core alone: nothing to log
+        assert telemetry == [] and installed == []
+
+
+@pytest.mark.needs("objective:diffusion", "sampler:diffusion")
+def test_the_quickstart_trains_and_samples_with_the_diffusion_objective(tmp_path):
+    proc = cli("run", "-o", "objective.name=diffusion", "-o", "train.steps=20",
+               "--out", tmp_path / "qs", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"bound on held-out bits per byte: [0-9.]+ \(49,920 bytes, 20 steps\)",
+                     proc.stdout), proc.stdout
+    sample = proc.stdout.split("--- sample 0 ---\n", 1)[1]
+    assert sample.startswith("It was ") and len(sample) > len("It was ") + 100
+    saved = yaml.safe_load((tmp_path / "qs" / "spec.yaml").read_text())
+    assert saved["sample"]["sampler"] == {"name": "diffusion", "options": {"temperature": 0.8}}
 
 
 def test_kill_and_resume(tiny_spec, tmp_path):
@@ -458,7 +486,8 @@ print(_Spy.culprit or "")
     (["plugins", "list"], {"BITLM_DISABLE_PLUGINS": "all"}),  # core alone
     (["plugins", "list", "--json"], {}),  # with every installed plugin
     (["codec", "--help"], {}),
-], ids=["help", "plugins-list-core", "plugins-list-installed", "codec-help"])
+    (["quantize", "--help"], {}),
+], ids=["help", "plugins-list-core", "plugins-list-installed", "codec-help", "quantize-help"])
 def test_fast_commands_never_import_torch(argv, env):
     code = TORCH_SPY.replace("ARGV", repr(argv))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -468,7 +497,7 @@ def test_fast_commands_never_import_torch(argv, env):
     culprit = proc.stdout.split(marker, 1)[1]
     assert marker == "TORCH_IMPORTED False", f"torch was imported by:\n{culprit}"
     if argv == ["--help"]:
-        for command in ("run", "validate", "plugins", "eval", "sample", "codec"):
+        for command in ("run", "validate", "plugins", "eval", "sample", "codec", "quantize"):
             assert command in proc.stdout
 
 
@@ -548,6 +577,7 @@ def test_sample_is_seeded_and_continues_the_prompt(trained, tmp_path):
     assert_user_error(no_run, "not a bitlm run folder")
 
 
+@pytest.mark.needs("safety:kcs", "objective:diffusion", "sampler:diffusion")
 def test_sample_with_a_gate_retries_and_reports(trained):
     args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "30"]
     gated, bad_gate, bad_fallback = cli_parallel(
@@ -568,7 +598,9 @@ def test_sample_with_a_gate_retries_and_reports(trained):
 
 
 # -- codec ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("codec", ["rle", "pack", "identity"])
+@pytest.mark.parametrize("codec", [pytest.param("rle", marks=pytest.mark.needs("compressor:rle")),
+                                   pytest.param("pack", marks=pytest.mark.needs("compressor:pack")),
+                                   "identity"])
 def test_codec_compress_decompress_round_trip(codec, tmp_path, invoke):
     src = tmp_path / "in.txt"
     src.write_bytes("Emma Woodhouse, handsome, clever, and rich — 0\n".encode() * 20)
@@ -582,6 +614,7 @@ def test_codec_compress_decompress_round_trip(codec, tmp_path, invoke):
     assert back.read_bytes() == src.read_bytes()
 
 
+@pytest.mark.needs("compressor:rle")
 def test_codec_raw8_and_ratio_says_when_it_expands(tmp_path, invoke):
     src = tmp_path / "in.txt"
     src.write_bytes(b"plain text expands under run-length coding\n" * 10)
@@ -596,6 +629,7 @@ def test_codec_raw8_and_ratio_says_when_it_expands(tmp_path, invoke):
     assert done.exit_code == 0 and "expands" not in done.stdout
 
 
+@pytest.mark.needs("compressor:rle", "compressor:pack")
 def test_codec_stats_json_measures_every_installed_codec(tmp_path, invoke):
     from bitlm_core.registry import get_registry
 
@@ -616,6 +650,7 @@ def test_codec_stats_json_measures_every_installed_codec(tmp_path, invoke):
     assert table.exit_code == 0 and "rle" in table.stdout and "identity" not in table.stdout
 
 
+@pytest.mark.needs("compressor:rle", "compressor:pack")
 def test_codec_bad_input(tmp_path, invoke):
     src = tmp_path / "in.txt"
     src.write_bytes(b"abc" * 50)
@@ -637,3 +672,96 @@ def test_codec_bad_input(tmp_path, invoke):
     assert_user_error(invoke("codec", "decompress", damaged, tmp_path / "o"), "pack")
     assert not (tmp_path / "o").exists()
     assert_user_error(invoke("codec", "stats", src, "-c", "nope"), "unknown codec 'nope'")
+
+
+# -- commands from plugins ----------------------------------------------------------------------
+COMMAND_PLUGIN = """
+import typer
+
+from bitlm_core.errors import DataError
+from bitlm_core.hookspecs import hookimpl
+from bitlm_core.records import CommandSpec
+
+group = typer.Typer(help="Greetings from a plugin.")
+
+
+@group.command()
+def greet(name: str = typer.Option("world", "--name")) -> None:
+    \"\"\"Say hello.\"\"\"
+    print(f"hello, {name}")
+
+
+@group.command()
+def refuse() -> None:
+    \"\"\"Fail as bad input does.\"\"\"
+    raise DataError("refused on purpose: give another name")
+
+
+def shout(word: str = typer.Argument(...)) -> None:
+    print(word.upper())
+
+
+@hookimpl
+def bitlm_commands():
+    yield CommandSpec("hello", lambda: group, "unused: the group has its own help")
+    yield CommandSpec("shout", lambda: shout, "print a word in capitals")
+"""
+
+BROKEN_COMMAND_PLUGINS = {
+    "raising": "@hookimpl\ndef bitlm_commands():\n    raise RuntimeError('command hook down')\n",
+    "junk": "@hookimpl\ndef bitlm_commands():\n    yield CommandSpec('junk', lambda: 42, 'x')\n",
+    "taken": "@hookimpl\ndef bitlm_commands():\n"
+             "    yield CommandSpec('run', lambda: (lambda: None), 'x')\n",
+}
+
+
+def fake_site(root: Path, plugins: dict[str, str]) -> dict[str, str]:
+    """Install each ``{entry point: module source}`` as a distribution in ``root``; return the
+    environment that puts it on the path."""
+    for name, source in plugins.items():
+        info = root / f"{name}-0.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+                                       encoding="utf-8")
+        (info / "entry_points.txt").write_text(f"[bitlm]\n{name} = {name}_plugin\n",
+                                               encoding="utf-8")
+        header = ("from bitlm_core.hookspecs import hookimpl\n"
+                  "from bitlm_core.records import CommandSpec\n")
+        (root / f"{name}_plugin.py").write_text(header + source, encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
+def test_a_plugin_adds_commands_that_help_lists_and_errors_report(tmp_path):
+    env = fake_site(tmp_path / "site", {"fakecmd": COMMAND_PLUGIN})
+    helped, greeted, shouted, refused, listed = cli_parallel(
+        ["--help"], ["hello", "greet", "--name", "Emma"], ["shout", "quiet"],
+        ["hello", "refuse"], ["plugins", "list", "--json"], env=env)
+    assert helped.returncode == 0, helped.stderr
+    assert re.search(r"hello\s+Greetings from a plugin", helped.stdout), helped.stdout
+    assert re.search(r"shout\s+print a word in capitals", helped.stdout), helped.stdout
+    assert greeted.returncode == 0 and greeted.stdout == "hello, Emma\n", greeted.stderr
+    assert shouted.returncode == 0 and shouted.stdout == "QUIET\n", shouted.stderr
+    assert_user_error(refused, "refused on purpose")  # a plugin's BitlmError: exit 2, one line
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
+    assert plugins["fakecmd"]["status"] == "active"
+    assert plugins["fakecmd"]["provides"]["command"] == ["hello", "shout"]
+
+
+def test_plugins_whose_commands_break_are_failed_and_the_cli_still_works(tmp_path):
+    env = fake_site(tmp_path / "site", BROKEN_COMMAND_PLUGINS)
+    helped, listed, codec, run_help = cli_parallel(
+        ["--help"], ["plugins", "list", "--json"], ["codec", "--help"], ["run", "--help"],
+        env=env)
+    for proc in (helped, listed, codec, run_help):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "junk" not in helped.stdout and "quantize" in helped.stdout
+    assert "Train a model from a spec" in run_help.stdout  # bitlm's own run, not the plugin's
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
+    assert plugins["raising"]["status"] == "failed"
+    assert "command hook down" in plugins["raising"]["error"]
+    assert plugins["junk"]["status"] == "failed"
+    assert "returned int; return a typer.Typer" in plugins["junk"]["error"]
+    assert plugins["taken"]["status"] == "failed"
+    assert "command name 'run' is already taken" in plugins["taken"]["error"]

@@ -40,7 +40,9 @@ def test_share_is_zero_in_warmup_then_ramps_up_to_prob_along_a_cosine():
     assert compression_prob(0, 0.3) == 0.3 and compression_prob(5, 0.3, warmup_steps=5) == 0.3
 
 
-@pytest.mark.parametrize("name", ["rle", "pack", "identity"])
+@pytest.mark.parametrize("name", [pytest.param("rle", marks=pytest.mark.needs("compressor:rle")),
+                                  pytest.param("pack", marks=pytest.mark.needs("compressor:pack")),
+                                  "identity"])
 def test_round_trip_gives_back_the_batch_and_an_honest_ratio(name):
     bits = text_windows()
     c = codec(name)
@@ -66,6 +68,7 @@ def test_a_codec_that_changes_bits_is_caught():
         CompressionFeed(Lossy(), ENC).round_trip(text_windows())
 
 
+@pytest.mark.needs("compressor:rle")
 def test_direct_batch_is_the_streams_as_encoder_bits():
     bits = text_windows(n=3)
     c = codec("rle")
@@ -78,6 +81,7 @@ def test_direct_batch_is_the_streams_as_encoder_bits():
     assert short.shape == (1, 900)  # two tiny streams, repeated to fill one window
 
 
+@pytest.mark.needs("compressor:rle", "compressor:pack")
 @pytest.mark.parametrize("layout", ["framed", "flat"])
 def test_forward_on_a_stream_equals_forward_on_its_bits(layout):
     torch.manual_seed(0)
@@ -102,6 +106,7 @@ def test_forward_on_a_stream_equals_forward_on_its_bits(layout):
         forward_compressed(model, codec("rle").compress(bits[0]), codec("rle"), max_bits=10)
 
 
+@pytest.mark.needs("compressor:rle")
 def test_model_output_decompress():
     c = codec("rle")
     original = ENC.encode(b"some text")
@@ -111,6 +116,7 @@ def test_model_output_decompress():
         model_output_decompress(ENC.encode(b"plain words"), c, ENC)
 
 
+@pytest.mark.needs("compressor:rle")
 def test_training_logs_raw_compressed_and_direct_metrics_separately(tmp_path, tiny_spec):
     spec = load_spec(tiny_spec(steps=12, compression={
         "name": "rle", "prob": 0.5, "warmup_steps": 2, "ramp_steps": 2, "direct": True,
@@ -129,6 +135,7 @@ def test_training_logs_raw_compressed_and_direct_metrics_separately(tmp_path, ti
     assert "read as a rle stream" in (tmp_path / "r" / "samples.txt").read_text()
 
 
+@pytest.mark.needs("compressor:rle")
 def test_decompress_output_reads_what_follows_the_prompt():
     from types import SimpleNamespace
 

@@ -384,3 +384,42 @@ def test_failed_plugin_provides_nothing(site, uid):
          {module: RAISING_PLUGIN.format(comp=f"halfzip_{uid}")})
     reg = build()
     assert reg.manager.infos[f"fakeraise_{uid}"].provides == {}
+
+
+BACKENDS_PLUGIN = """
+from bitlm_core.builtins.attention import ReferenceAttention
+from bitlm_core.hookspecs import hookimpl
+from bitlm_core.records import AttentionBackendSpec
+
+
+class Fast(ReferenceAttention):
+    name = "fast_{uid}"
+
+
+class Unchunked(ReferenceAttention):
+    name = "unchunked_{uid}"
+
+    def __init__(self):  # takes no chunking options
+        super().__init__()
+
+
+@hookimpl
+def bitlm_attention_backends():
+    yield AttentionBackendSpec("fast_{uid}", Fast, "outranks every real backend", priority=1000)
+    yield AttentionBackendSpec("hidden_{uid}", Fast, "never picked by auto", priority=None)
+    yield AttentionBackendSpec("unchunked_{uid}", Unchunked, "no chunk options", priority=2000)
+"""
+
+
+def test_auto_attention_picks_the_highest_priority_that_accepts_the_options(site, uid,
+                                                                           monkeypatch):
+    import bitlm_core.registry as registry_module
+    from bitlm_core.builtins.attention import auto_attention
+
+    module = f"fakeplug_backends_{uid}"
+    site("fakeplug-backends", {f"fakebackends_{uid}": module},
+         {module: BACKENDS_PLUGIN.replace("{uid}", uid)})
+    monkeypatch.setattr(registry_module, "_REGISTRY", build())
+    assert auto_attention().name == f"unchunked_{uid}"  # the highest priority
+    chunked = auto_attention(chunk_size=8, overlap=2)  # it takes no chunking: the next one
+    assert chunked.name == f"fast_{uid}" and chunked.chunk_size == 8

@@ -54,6 +54,7 @@ def telemetry():
     return {name: reg.build("telemetry", name) for name in ("lz_complexity", "symbiosis")}
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis")
 def test_sample_metrics_use_the_model_probabilities(model):
     bits = ENC.encode(b"Emma " + TEXT[:40])
     values = sample_metrics(model, ENC, bits, 5 * 9, telemetry())
@@ -63,6 +64,7 @@ def test_sample_metrics_use_the_model_probabilities(model):
     assert constant["lz_complexity"] < 0.3
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis", "safety:kcs")
 def test_strict_gate_blocks_a_constant_stream_naming_metric_and_floor(model):
     with pytest.raises(SafetyError, match=r"lz_complexity 0\.\d+ .* below its floor 0\.3"):
         hil_safe_inference(model, ENC, ScriptedSampler("s", stuck={0}), "Emma", 40,
@@ -70,6 +72,7 @@ def test_strict_gate_blocks_a_constant_stream_naming_metric_and_floor(model):
     assert SafetyError.exit_code == 3
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis", "safety:kcs")
 def test_non_strict_gate_warns_and_returns(model):
     with pytest.warns(SafetyWarning, match="lz_complexity"):
         result = hil_safe_inference(model, ENC, ScriptedSampler("s", stuck={0}), "Emma", 40,
@@ -82,6 +85,7 @@ def test_non_strict_gate_warns_and_returns(model):
     assert passed.decision and passed.text == "Emma" + TEXT[:40].decode()
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis", "safety:kcs")
 def test_retry_with_a_new_seed_recovers_and_logs_each_attempt(model):
     sampler, lines = ScriptedSampler("scripted", stuck={5}), []
     out = safe_sample_with_retry(model, ENC, [sampler], "Emma", 40, gate=kcs(s_floor=0),
@@ -94,6 +98,7 @@ def test_retry_with_a_new_seed_recovers_and_logs_each_attempt(model):
     assert lines[1] == "attempt 2/3 (scripted, seed 6): allowed"
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis", "safety:kcs")
 def test_retry_moves_on_to_the_fallback_sampler(model):
     primary, fallback = ScriptedSampler("primary", stuck={"all"}), ScriptedSampler("diffusion")
     out = safe_sample_with_retry(model, ENC, [primary, fallback], "Emma", 40,
@@ -101,6 +106,7 @@ def test_retry_moves_on_to_the_fallback_sampler(model):
     assert out.allowed and [a.sampler for a in out.attempts] == ["primary", "diffusion"]
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis", "safety:kcs")
 def test_every_attempt_blocked(model):
     stuck = ScriptedSampler("stuck", stuck={"all"})
     with pytest.raises(SafetyError, match="blocked all 3 attempts"):
@@ -124,6 +130,7 @@ def test_drift():
         detect_metric_drift([1.0], window=0, threshold=0.1)
 
 
+@pytest.mark.needs("telemetry:negentropy")
 def test_training_logs_a_drift_alert_and_can_stop(tmp_path, tiny_spec):
     import json
 
@@ -143,6 +150,7 @@ def test_training_logs_a_drift_alert_and_can_stop(tmp_path, tiny_spec):
     assert any(m.startswith("stopped early at step 6: telemetry drift") for m in logs)
 
 
+@pytest.mark.needs("telemetry:negentropy", "telemetry:lz_complexity", "telemetry:symbiosis")
 def test_telemetry_on_train_and_val_batches_with_regularisers(tmp_path, tiny_spec):
     import json
 
@@ -173,12 +181,14 @@ def test_telemetry_on_train_and_val_batches_with_regularisers(tmp_path, tiny_spe
         load_spec(tiny_spec(steps=2, telemetry={"lambda_C": 0.1}))
 
 
+@pytest.mark.needs("telemetry:lz_complexity", "telemetry:symbiosis")
 def test_metrics_of_a_non_causal_sample_leave_out_model_probabilities(model):
     values = sample_metrics(model, ENC, ENC.encode(b"Emma " + TEXT[:40]), 5 * 9, telemetry(),
                             causal=False)
     assert set(values) == {"lz_complexity"}  # symbiosis needs next-bit probabilities
 
 
+@pytest.mark.needs("telemetry:negentropy", "telemetry:symbiosis", "objective:diffusion", "sampler:diffusion")
 def test_regularisers_change_training_and_need_a_causal_objective(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 
