@@ -106,20 +106,25 @@ class PluginManager:
         text = f"bitlm plugin '{info.name}' ({info.module}) failed and was skipped: {message}"
         if info.name == BUILTIN_NAME:
             raise PluginError(f"bitlm's built-in components failed to load: {message}")
-        if strict_mode():
-            raise PluginError(f"{text}\n(unset {STRICT_ENV} to skip failing plugins instead)")
         if self.defer_warnings:
             self.pending.append(text)
         else:
-            warnings.warn(text, PluginWarning, stacklevel=2)
+            self._report(text)
+
+    @staticmethod
+    def _report(text: str) -> None:
+        if strict_mode():
+            raise PluginError(f"{text}\n(unset {STRICT_ENV} to skip failing plugins instead)")
+        warnings.warn(text, PluginWarning, stacklevel=3)
 
     def flush_warnings(self) -> None:
-        """Issue the warnings kept back (the CLI defers them while it starts), then warn at
-        once from now on."""
+        """Report the failures kept back (the CLI defers them while it starts, so that its own
+        commands are all there): a warning each, or in strict mode an error for the first.
+        From now on failures are reported at once."""
         self.defer_warnings = False
         pending, self.pending = self.pending, []
         for text in pending:
-            warnings.warn(text, PluginWarning, stacklevel=2)
+            self._report(text)
 
     # -- loading -------------------------------------------------------------------------
     def register_module(self, info: PluginInfo, module: Any) -> None:

@@ -84,6 +84,7 @@ class Registry:
                 provided.append(record.name)
             if provided:  # set, not added to: a shared manager may be collected again
                 info.provides[kind.name] = provided
+                info.provides = {k: info.provides[k] for k in KINDS if k in info.provides}
 
     # -- lookup ---------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -223,8 +224,9 @@ def get_registry(refresh: bool = False, raise_conflicts: bool = True) -> Registr
     global _REGISTRY
     if _REGISTRY is None or refresh:
         manager = get_manager(refresh=refresh)
-        _REGISTRY = Registry(manager, raise_conflicts=False)
-        manager.flush_warnings()
+        registry = Registry(manager, raise_conflicts=False)
+        manager.flush_warnings()  # strict mode: raises for the first failure
+        _REGISTRY = registry
     if _REGISTRY.conflicts and raise_conflicts:
         raise PluginError("\n".join(_REGISTRY.conflicts))
     return _REGISTRY

@@ -458,6 +458,15 @@ def test_run_works_with_a_broken_plugin_installed(broken_plugin_env, tiny_spec, 
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+def test_strict_mode_makes_a_broken_plugin_an_error_and_keeps_bitlms_commands(
+        broken_plugin_env, tmp_path):
+    env = {**broken_plugin_env, "BITLM_STRICT_PLUGINS": "1"}
+    (tmp_path / "in.txt").write_bytes(b"abc" * 10)
+    helped, stats = cli_parallel(["--help"], ["codec", "stats", tmp_path / "in.txt"], env=env)
+    assert helped.returncode == 0 and "codec" in helped.stdout and "quantize" in helped.stdout
+    assert_user_error(stats, "fakebroken", "unset BITLM_STRICT_PLUGINS")
+
+
 TORCH_SPY = """
 import sys, traceback
 

@@ -143,7 +143,8 @@ def test_context_growth_options_are_checked():
     assert not growth.can_grow(m)
 
 
-@pytest.mark.needs("objective:diffusion", "sampler:diffusion", "telemetry:lz_complexity", "telemetry:symbiosis")
+@pytest.mark.needs("objective:diffusion", "sampler:diffusion", "telemetry:lz_complexity",
+                   "telemetry:symbiosis")
 def test_a_diffusion_run_is_scored_in_windows_and_refuses_a_stride(tmp_path, tiny_spec):
     import json
 

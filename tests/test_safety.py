@@ -188,7 +188,8 @@ def test_metrics_of_a_non_causal_sample_leave_out_model_probabilities(model):
     assert set(values) == {"lz_complexity"}  # symbiosis needs next-bit probabilities
 
 
-@pytest.mark.needs("telemetry:negentropy", "telemetry:symbiosis", "objective:diffusion", "sampler:diffusion")
+@pytest.mark.needs("telemetry:negentropy", "telemetry:symbiosis", "objective:diffusion",
+                   "sampler:diffusion")
 def test_regularisers_change_training_and_need_a_causal_objective(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 

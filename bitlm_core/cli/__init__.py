@@ -7,6 +7,6 @@ commands are). What the commands do lives in :mod:`bitlm_core.app`.
 """
 
 from bitlm_core.cli.app import app, main
-from bitlm_core.cli.errors import _state, user_errors
+from bitlm_core.cli.errors import _state, user_errors  # noqa: F401 (_state: the --debug switch)
 
 __all__ = ["app", "main", "user_errors"]

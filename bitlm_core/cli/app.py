@@ -95,10 +95,10 @@ def add_plugin_commands(typer_app: typer.Typer) -> None:
     from bitlm_core.plugins import describe_exception, get_manager
     from bitlm_core.registry import Registry, load_factory
 
-    try:
-        manager = get_manager(defer_warnings=True)  # shown when a command uses the registry
+    try:  # failures are reported (or, strict, raised) when a command uses the registry
+        manager = get_manager(defer_warnings=True)
         records = Registry(manager, raise_conflicts=False, kinds=("command",)).records
-    except PluginError:  # strict mode: every command that uses plugins reports it
+    except PluginError:  # bitlm's own components failed: every command will say so
         return
     for record in records["command"].values():
         info = manager.infos[record.plugin]
@@ -111,10 +111,7 @@ def add_plugin_commands(typer_app: typer.Typer) -> None:
             command = command_from(record, made)
             typer.main.get_command(command)  # Typer builds it now, or says why it cannot
         except Exception as exc:
-            try:
-                manager.fail(info, f"command '{record.name}': {describe_exception(exc)}")
-            except PluginError:
-                return
+            manager.fail(info, f"command '{record.name}': {describe_exception(exc)}")
             continue
         if command is made:  # a group
             help_text = {} if command.info.help else {"help": record.description}

@@ -64,7 +64,7 @@ def validate(
     override: Optional[List[str]] = OverrideOpt,
 ) -> None:
     """Check a spec: keys, types, component names and their options. Builds no tensors."""
-    from bitlm_core.components import complete_spec, resolve_spec
+    from bitlm_core.components import resolve_spec
     from bitlm_core.spec import load_spec
 
     run_spec = load_spec(spec, override or [])

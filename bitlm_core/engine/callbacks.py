@@ -178,7 +178,7 @@ class AttentionMaps(Callback):
             _, maps = trainer.model(window, causal=True, return_attention=True)
         if any(m is None for m in maps):
             trainer.log("attention.full_attn_logging: the attention backend returned no maps; "
-                        "use attention: {name: reference} (or sdpa) to log them")
+                        "use attention: {name: reference}, which returns them")
             return None
         folder = trainer.run_dir / ATTENTION_DIR
         folder.mkdir(exist_ok=True)

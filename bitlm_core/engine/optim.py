@@ -1,4 +1,4 @@
-"""The optimizer and its schedule: AdamW, warm-up then cosine decay, state carried across growth."""
+"""The optimizer and its schedule: AdamW, warm-up then cosine decay, state kept across growth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The framed layout's local bit predictors: a frame's bits one at a time from the backbone's state.
+"""The framed layout's local predictors: a frame's bits one at a time from the backbone state.
 
 ``model.local`` selects one of them: ``joint`` (:class:`JointBitPredictor`, the default),
 ``tree`` and ``node_mlp`` (:class:`TreeBitPredictor`), ``mlp`` (:class:`LocalBitPredictor`).
