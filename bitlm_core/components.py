@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from bitlm_core.errors import PluginError, SpecError
+from bitlm_core.plugins import BUILTIN_NAME
 from bitlm_core.records import ComponentSpec
 from bitlm_core.registry import Registry, get_registry
 from bitlm_core.spec import Component, RunSpec
@@ -77,10 +78,17 @@ def resolve_spec(spec: RunSpec, registry: Registry | None = None) -> dict[str, R
     """Resolve names and bind options for every slot (completing the spec first); raise a
     SpecError on the first bad one."""
     registry = registry or get_registry()
-    spec = complete_spec(spec, registry)
+    return _resolve(complete_spec(spec, registry), registry)
+
+
+def _resolve(spec: RunSpec, registry: Registry) -> dict[str, Resolved]:
     out: dict[str, Resolved] = {}
     for path, kind, comp in slots(spec):
         record = registry.resolve(kind, comp.name, f"{path}.name")
+        if kind == "callback" and record.plugin == BUILTIN_NAME:
+            raise SpecError(f"{path}: '{record.name}' is one of bitlm's own callbacks, which "
+                            "always run; leave it out (its spec keys set it up, e.g. "
+                            "train.eval_every)")
         resolved = Resolved(path, kind, record, dict(comp.options))
         registry.bind(record, resolved.factory_options, path)
         out[path] = resolved
@@ -138,7 +146,9 @@ def build(resolved: Resolved, registry: Registry | None = None, **overrides) -> 
 
 
 #: Attributes bitlm reads from components of these kinds (see bitlm_core.interfaces).
-REQUIRED = {"objective": ("causal", "is_bound"), "sampler": ("causal", "sample")}
+REQUIRED = {"objective": ("causal", "is_bound"), "sampler": ("causal", "sample"),
+            "callback": ("on_fit_start", "on_step", "on_eval", "on_checkpoint", "on_interrupt",
+                         "on_end")}
 
 
 def check_interface(record: ComponentSpec, component: Any) -> Any:
@@ -177,7 +187,7 @@ class Components:
     def build(cls, spec: RunSpec, registry: Registry | None = None) -> "Components":
         registry = registry or get_registry()
         spec = complete_spec(spec, registry)
-        r = resolve_spec(spec, registry)
+        r = _resolve(spec, registry)
 
         def make(path: str) -> Any:
             return check_interface(r[path].record, build(r[path], registry))
@@ -188,7 +198,7 @@ class Components:
                 f"sample.sampler '{spec.sample.sampler.name}' and objective "
                 f"'{spec.objective.name}' disagree: one is causal and the other is not; pick a "
                 "sampler made for the objective (or leave sample.sampler.name out)")
-        telemetry, regularisers = {}, {}
+        telemetry, regularisers, weighted = {}, {}, {}
         for path, res in r.items():
             if res.kind != "telemetry":
                 continue
@@ -196,8 +206,13 @@ class Components:
             telemetry[getattr(metric, "name", res.record.name)] = metric
             weight = res.options.get("weight", 0.0)
             if weight:
-                regularisers[getattr(res.record, "symbol", None) or res.record.name] = (
-                    weight, check_regulariser(path, res, metric, objective, spec))
+                key = getattr(res.record, "symbol", None) or res.record.name
+                if key in weighted:
+                    raise SpecError(f"{weighted[key]} and {path} both weight {key} (logged as "
+                                    f"reg/{key}); give the weight to one of them")
+                weighted[key] = path
+                regularisers[key] = (weight, check_regulariser(path, res, metric, objective,
+                                                               spec))
         return cls(spec=spec, resolved=r, encoder=make("data.encoder"),
                    attention=make("attention"), objective=objective,
                    compressor=make("compression"), gate=make("safety.gate"), sampler=sampler,

@@ -50,7 +50,8 @@ def bitlm_attention_backends() -> Iterable["AttentionBackendSpec"]:  # noqa: F82
     shape (B, H, Tk, D). When ``Tq < Tk`` (decoding with a key/value cache) the queries are the
     last ``Tq`` positions, so causal masking is aligned to the bottom right. It may also carry a
     ``supports_weights`` attribute (False when it cannot return attention maps). The record's
-    ``priority`` decides what ``attention: {name: auto}`` picks: the highest that builds.
+    ``priority`` decides what ``attention: {name: auto}`` picks: the highest that builds (a
+    backend without one is used only when a spec names it).
 
     Example::
 
@@ -213,8 +214,9 @@ def bitlm_commands() -> Iterable["CommandSpec"]:  # noqa: F821
     The CLI adds every command when it starts, so keep the factory's module light: import
     torch and your own heavy dependencies inside the commands. A :class:`BitlmError` raised by
     a command is printed as one message with its exit status, as for bitlm's own. A plugin
-    whose hook or factory fails is listed as failed and the CLI works without it; a name that
-    another plugin (or bitlm) already uses is a conflict naming both.
+    whose hook or factory fails, or one of whose command names bitlm or an earlier plugin
+    already uses, adds none of its commands and is listed as failed (naming the other owner);
+    the CLI works without it.
 
     Example::
 

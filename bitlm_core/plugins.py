@@ -119,9 +119,11 @@ class PluginManager:
 
     def flush_warnings(self) -> None:
         """Report the failures kept back (the CLI defers them while it starts, so that its own
-        commands are all there): a warning each, or in strict mode an error for the first.
-        From now on failures are reported at once."""
+        commands are all there): a warning each once, or in strict mode an error, raised again
+        at every call while they last. From now on failures are reported at once."""
         self.defer_warnings = False
+        if strict_mode() and self.pending:
+            self._report(self.pending[0])
         pending, self.pending = self.pending, []
         for text in pending:
             self._report(text)

@@ -68,12 +68,13 @@ class AttentionBackendSpec(ComponentSpec):
     """Computes attention given q, k, v (``reference``, ``sdpa``).
 
     ``priority``: ``attention: {name: auto}`` picks the installed backend with the highest
-    priority that accepts the options asked for (``reference`` has 0; a faster backend should
-    declare more). ``None`` keeps a backend out of ``auto``'s choice.
+    priority that accepts the options asked for. ``reference`` declares 0; a backend meant to
+    replace it declares more. A backend that declares none (``None``) is never picked by
+    ``auto``: it is used when a spec names it.
     """
 
     kind: ClassVar[str] = "attention"
-    priority: Optional[int] = field(default=0, kw_only=True)
+    priority: Optional[int] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from bitlm_core.errors import PluginError, ResolutionError
 from bitlm_core.plugins import PluginManager, describe_exception, get_manager
@@ -29,18 +29,39 @@ class Registry:
 
     Two plugins providing one name is a :class:`PluginError` naming both, raised when the
     registry is built; ``raise_conflicts=False`` records it in ``conflicts`` instead (for
-    ``bitlm plugins list``, which must be able to show the clash).
+    ``bitlm plugins list``, which must be able to show the clash). A plugin failed after the
+    registry was built (:meth:`fail`, as the CLI does when a plugin's command cannot be added)
+    loses every record it provided, and its clashes go with it.
     """
 
-    def __init__(self, manager: PluginManager, raise_conflicts: bool = True,
-                 kinds: Iterable[str] | None = None):
+    def __init__(self, manager: PluginManager, raise_conflicts: bool = True):
         self.manager = manager
         self.records: dict[str, dict[str, ComponentSpec]] = {k: {} for k in KINDS}
-        self.conflicts: list[str] = []
-        for kind in KINDS.values() if kinds is None else (KINDS[k] for k in kinds):
+        self.clashes: list[tuple[ComponentSpec, ComponentSpec]] = []  # (kept, refused)
+        for kind in KINDS.values():
             self._collect(kind)
         if self.conflicts and raise_conflicts:
             raise PluginError("\n".join(self.conflicts))
+
+    @property
+    def conflicts(self) -> list[str]:
+        """One message per name that two active plugins provide, naming both."""
+        active = {n for n, i in self.manager.infos.items() if i.status == "active"}
+        return [f"two plugins provide the {kept.kind} '{kept.name}': {kept.origin} and "
+                f"{refused.origin}. Uninstall one of them, or disable one with "
+                f"BITLM_DISABLE_PLUGINS={refused.plugin}"
+                for kept, refused in self.clashes
+                if kept.plugin in active and refused.plugin in active]
+
+    def fail(self, plugin: str, message: str) -> None:
+        """Drop everything ``plugin`` provided and report it failed (a half-loaded plugin is
+        worse than a missing one)."""
+        for records in self.records.values():
+            for name in [n for n, r in records.items() if r.plugin == plugin]:
+                del records[name]
+        info = self.manager.infos[plugin]
+        info.provides.clear()
+        self.manager.fail(info, message)
 
     def _collect(self, kind) -> None:
         for plugin_name, function in self.manager.hook_impls(kind.hook):
@@ -61,30 +82,19 @@ class Registry:
                         raise TypeError(f"{kind.name} '{record.name}' has a factory that is "
                                         "neither callable nor a 'module:attribute' string")
             except Exception as exc:
-                # Drop whatever this plugin contributed so far: a half-loaded plugin is worse
-                # than a missing one.
-                for records in self.records.values():
-                    for name in [n for n, r in records.items() if r.plugin == plugin_name]:
-                        del records[name]
-                info.provides.clear()
-                self.manager.fail(info, f"{kind.hook}() raised {describe_exception(exc)}")
+                self.fail(plugin_name, f"{kind.hook}() raised {describe_exception(exc)}")
                 continue
             provided = []
             for record in produced:
                 record = record.with_origin(plugin_name, info.distribution)
                 existing = self.records[kind.name].get(record.name)
                 if existing is not None:
-                    self.conflicts.append(
-                        f"two plugins provide the {kind.name} '{record.name}': "
-                        f"{existing.origin} and {record.origin}. Uninstall one of them, or "
-                        f"disable one with BITLM_DISABLE_PLUGINS={record.plugin}"
-                    )
+                    self.clashes.append((existing, record))
                     continue
                 self.records[kind.name][record.name] = record
                 provided.append(record.name)
-            if provided:  # set, not added to: a shared manager may be collected again
+            if provided:  # set, not added to: a manager may be collected again
                 info.provides[kind.name] = provided
-                info.provides = {k: info.provides[k] for k in KINDS if k in info.provides}
 
     # -- lookup ---------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -218,15 +228,22 @@ def _type_ok(value: Any, expected: type) -> bool:
 _REGISTRY: Registry | None = None
 
 
-def get_registry(refresh: bool = False, raise_conflicts: bool = True) -> Registry:
+def get_registry(refresh: bool = False, raise_conflicts: bool = True,
+                 report: bool = True) -> Registry:
     """The process-wide registry (built on first use, over the process-wide plugin manager;
-    ``refresh`` loads the plugins again)."""
+    ``refresh`` loads the plugins again).
+
+    ``report`` shows the plugin failures kept back so far (a warning each; in strict mode an
+    error, on every call while a plugin is failed). The CLI builds the registry with
+    ``report=False`` while it starts, so that a broken plugin cannot take bitlm's own
+    commands away; the first command that uses the registry reports.
+    """
     global _REGISTRY
     if _REGISTRY is None or refresh:
-        manager = get_manager(refresh=refresh)
-        registry = Registry(manager, raise_conflicts=False)
-        manager.flush_warnings()  # strict mode: raises for the first failure
-        _REGISTRY = registry
+        _REGISTRY = Registry(get_manager(refresh=refresh, defer_warnings=not report),
+                             raise_conflicts=False)
+    if report:
+        _REGISTRY.manager.flush_warnings()
     if _REGISTRY.conflicts and raise_conflicts:
         raise PluginError("\n".join(_REGISTRY.conflicts))
     return _REGISTRY

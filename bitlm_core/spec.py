@@ -198,6 +198,13 @@ class RunSpec(Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def incomplete(self) -> list[str]:
+        """Key paths whose value depends on the installed components and is not filled in yet
+        (``bitlm_core.components.complete_spec`` fills them)."""
+        return ([p for p, missing in (("sample.sampler.name", self.sample.sampler.name is None),
+                                      ("telemetry.metrics", self.telemetry.metrics == "all"))
+                 if missing])
+
     def run_dir(self) -> Path:
         return Path(self.output.dir or f"runs/{self.name}")
 

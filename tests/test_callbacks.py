@@ -300,3 +300,133 @@ def test_ctrl_c_tells_callbacks_and_goes_on(tmp_path, tiny_spec):
         trainer.fit(TrainState())
     assert recorder.events[-1] == ("interrupt", 3)
     assert ("end", 3) not in recorder.events
+
+
+CALLBACK_PLUGIN = """
+from bitlm_core.engine.callbacks import Callback
+from bitlm_core.hookspecs import hookimpl
+from bitlm_core.records import CallbackSpec
+
+
+class EventsLog(Callback):
+    def __init__(self, path: str, every: int = 1):
+        self.path, self.every = path, every
+
+    def write(self, line):
+        with open(self.path, "a") as f:
+            f.write(line + "\\n")
+
+    def on_step(self, trainer, state, record):
+        if state.step % self.every == 0:
+            self.write(f"step {state.step}")
+
+    def on_eval(self, trainer, state, result):
+        self.write(f"eval {state.step}")
+
+    def on_end(self, trainer, state):
+        self.write(f"end {state.step}")
+
+
+class NoEvents:
+    pass
+
+
+class Raising(Callback):
+    def on_step(self, trainer, state, record):
+        raise RuntimeError("callback bug on purpose")
+
+
+@hookimpl
+def bitlm_callbacks():
+    yield CallbackSpec("events_log", EventsLog, "events to a text file")
+    yield CallbackSpec("no_events", NoEvents, "not a callback")
+    yield CallbackSpec("raising", Raising, "raises at the first step")
+"""
+
+
+@pytest.fixture
+def callback_plugin(tmp_path, monkeypatch):
+    """A fake installed plugin providing three callbacks, seen by a fresh registry."""
+    import importlib
+    import sys
+
+    import bitlm_core.plugins as plugins_module
+    import bitlm_core.registry as registry_module
+
+    site = tmp_path / "site"
+    info = site / "fakecb-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakecb\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bitlm]\nfakecb = fakecb_plugin\n")
+    (site / "fakecb_plugin.py").write_text(CALLBACK_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(plugins_module, "_MANAGER", None)
+    monkeypatch.setattr(registry_module, "_REGISTRY", None)
+    yield
+    sys.modules.pop("fakecb_plugin", None)
+
+
+def test_a_spec_adds_a_plugin_callback_with_its_options(tmp_path, tiny_spec, callback_plugin):
+    from bitlm_core.app.run import execute
+    from bitlm_core.spec import load_spec
+
+    events = tmp_path / "events.txt"
+    spec = load_spec(tiny_spec(steps=4, callbacks=[
+        {"name": "events_log", "options": {"path": str(events), "every": 2}}]))
+    summary = execute(spec, tmp_path / "run", log=lambda m: None)
+    assert summary["steps"] == 4
+    # evaluations at steps 3 and 4 (eval_every 3, and the last step) reach it too
+    assert events.read_text().splitlines() == ["step 2", "eval 3", "eval 4", "step 4", "end 4"]
+
+
+def test_callbacks_that_are_not_callbacks_or_fail_name_their_plugin(tmp_path, tiny_spec,
+                                                                    callback_plugin):
+    from bitlm_core.app.run import execute
+    from bitlm_core.errors import PluginError, SpecError
+    from bitlm_core.spec import load_spec
+
+    def run(name, folder):
+        execute(load_spec(tiny_spec(steps=2, callbacks=[{"name": name}])), tmp_path / folder,
+                log=lambda m: None)
+
+    with pytest.raises(PluginError, match=r"callback 'no_events' from plugin 'fakecb' .*has no "
+                                          r"on_fit_start, on_step"):
+        run("no_events", "a")
+    with pytest.raises(PluginError, match=r"training callback Raising \(fakecb_plugin\) raised "
+                                          r"in on_step: RuntimeError: callback bug on purpose"):
+        run("raising", "b")
+    with pytest.raises(SpecError, match=r"callbacks\[0\]: 'evaluation' is one of bitlm's own"):
+        run("evaluation", "c")
+
+
+class MeanProb:
+    """A telemetry metric of the model's predictions."""
+
+    name = "mean_prob"
+
+    def __call__(self, bits, probs=None):
+        from bitlm_core.errors import BitlmError
+
+        if probs is None:
+            raise BitlmError("needs probs")
+        return probs.mean(dim=1)
+
+
+def test_telemetry_gives_a_causal_models_probabilities_to_the_metrics():
+    model = tiny_model().eval()
+    bits = torch.zeros(2, 72, dtype=torch.uint8)
+    dataset = SimpleNamespace(val_batches=lambda b, n: iter([bits]))
+    common = dict(telemetry={"mean_prob": MeanProb()}, dataset=dataset, model=model,
+                  windows=lambda step, micro: (None, bits))
+    causal = StandIn(spec(telemetry={"every": 1}), objective=SimpleNamespace(causal=True),
+                     **common)
+    values = cb.Telemetry().record(causal, 1)
+    from bitlm_core.engine.telemetry import next_bit_probs
+
+    expected = float(next_bit_probs(model, bits).mean())
+    assert values == pytest.approx({"telemetry/train/mean_prob": expected,
+                                    "telemetry/val/mean_prob": expected})
+    blind = StandIn(spec(telemetry={"every": 1}), objective=SimpleNamespace(causal=False),
+                    **common)
+    assert cb.Telemetry().record(blind, 1) == {}  # a non-causal model gives no probabilities

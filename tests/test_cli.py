@@ -226,16 +226,17 @@ def test_restart_discards_the_old_run(trained, tmp_path):
 
 
 def test_restart_never_deletes_a_folder_that_is_not_a_run(tiny_spec, tmp_path):
+    from bitlm_core.components import complete_spec
     from bitlm_core.errors import CheckpointError
-    from bitlm_core.store.rundir import prepare_run_dir
     from bitlm_core.spec import load_spec
+    from bitlm_core.store.rundir import prepare_run_dir
 
     folder = tmp_path / "my-documents"
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
     try:
         with pytest.raises(CheckpointError, match="not a bitlm run folder"):
-            prepare_run_dir(load_spec(tiny_spec()), folder, restart=True)
+            prepare_run_dir(complete_spec(load_spec(tiny_spec())), folder, restart=True)
     finally:
         assert (folder / "notes.txt").is_file(), "--restart deleted a folder it did not own"
 
@@ -721,6 +722,11 @@ BROKEN_COMMAND_PLUGINS = {
     "junk": "@hookimpl\ndef bitlm_commands():\n    yield CommandSpec('junk', lambda: 42, 'x')\n",
     "taken": "@hookimpl\ndef bitlm_commands():\n"
              "    yield CommandSpec('run', lambda: (lambda: None), 'x')\n",
+    "shadow": "@hookimpl\ndef bitlm_commands():\n"
+              "    yield CommandSpec('codec', lambda: (lambda: None), 'x')\n",
+    "halfway": "def fine():\n    print('fine')\n\n\n@hookimpl\ndef bitlm_commands():\n"
+               "    yield CommandSpec('fine', lambda: fine, 'works alone')\n"
+               "    yield CommandSpec('broken', lambda: 42, 'x')\n",
 }
 
 
@@ -773,4 +779,24 @@ def test_plugins_whose_commands_break_are_failed_and_the_cli_still_works(tmp_pat
     assert plugins["junk"]["status"] == "failed"
     assert "returned int; return a typer.Typer" in plugins["junk"]["error"]
     assert plugins["taken"]["status"] == "failed"
-    assert "command name 'run' is already taken" in plugins["taken"]["error"]
+    assert "command name 'run' is bitlm's own" in plugins["taken"]["error"]
+    assert plugins["shadow"]["status"] == "failed"  # bitlm's codec stays bitlm's
+    assert "command 'codec' is also provided by plugin 'core'" in plugins["shadow"]["error"]
+    assert "Compress, decompress and measure" in codec.stdout
+    assert plugins["halfway"]["status"] == "failed"  # all of a plugin's commands, or none
+    assert plugins["halfway"]["provides"] == {} and not re.search(r"\bfine\b", helped.stdout)
+
+
+def test_two_plugins_with_one_command_name_fail_the_later_and_the_cli_works(tmp_path, tiny_spec):
+    twin = ("def hi():\n    print('{who}')\n\n\n@hookimpl\ndef bitlm_commands():\n"
+            "    yield CommandSpec('hello', lambda: hi, 'greets')\n")
+    env = fake_site(tmp_path / "site", {"twin_a": twin.format(who="a"),
+                                        "twin_b": twin.format(who="b")})
+    hello, listed, valid = cli_parallel(["hello"], ["plugins", "list", "--json"],
+                                        ["validate", tiny_spec()], env=env)
+    assert hello.returncode == 0 and hello.stdout == "a\n", hello.stderr
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
+    assert plugins["twin_a"]["status"] == "active" and plugins["twin_b"]["status"] == "failed"
+    assert "also provided by plugin 'twin_a'" in plugins["twin_b"]["error"]
+    assert json.loads(listed.stdout)["conflicts"] == []
+    assert valid.returncode == 0, valid.stderr  # no conflict left to stop other commands

@@ -111,3 +111,11 @@ def test_components_without_what_bitlm_reads_are_the_plugins_fault():
     good = Bare()
     good.is_bound = False
     assert check_interface(record, good) is good
+
+
+@pytest.mark.needs(*KCS)
+def test_two_weighted_metrics_may_not_log_under_one_key(tiny_spec):
+    neg = {"name": "negentropy", "options": {"source": "probs", "weight": 0.1}}
+    with pytest.raises(SpecError, match=r"metrics\[0\] and telemetry.metrics\[1\] both weight "
+                                        r"K \(logged as reg/K\)"):
+        Components.build(tiny(tiny_spec, metrics=[neg, neg]))

@@ -211,3 +211,12 @@ def test_neighbour_mixing_is_non_causal_only(layout):
         flipped = bits.clone()
         flipped[0, 30] ^= 1
         assert (model(flipped) - base)[:, :31].abs().max() == 0
+
+
+def test_frame_states_are_the_framed_layouts():
+    from bitlm_core.errors import BitsError
+
+    flat = BitTransformerLM(ModelConfig(layout="flat", d_model=16, n_layers=1, n_heads=2,
+                                        max_frames=4), ReferenceAttention())
+    with pytest.raises(BitsError, match="frame_states needs the framed layout"):
+        flat.frame_states(torch.zeros(1, 36, dtype=torch.uint8))

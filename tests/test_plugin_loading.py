@@ -423,3 +423,23 @@ def test_auto_attention_picks_the_highest_priority_that_accepts_the_options(site
     assert auto_attention().name == f"unchunked_{uid}"  # the highest priority
     chunked = auto_attention(chunk_size=8, overlap=2)  # it takes no chunking: the next one
     assert chunked.name == f"fast_{uid}" and chunked.chunk_size == 8
+
+
+def test_auto_never_picks_a_backend_that_declares_no_priority(site, uid, monkeypatch):
+    import bitlm_core.registry as registry_module
+    from bitlm_core.builtins.attention import auto_attention
+
+    module = f"fakeplug_quiet_{uid}"
+    site("fakeplug-quiet", {f"fakequiet_{uid}": module}, {module: (
+        "from bitlm_core.builtins.attention import ReferenceAttention\n"
+        "from bitlm_core.hookspecs import hookimpl\n"
+        "from bitlm_core.records import AttentionBackendSpec\n\n\n"
+        "class Quiet(ReferenceAttention):\n    name = 'aaa_quiet'\n\n\n"
+        "@hookimpl\ndef bitlm_attention_backends():\n"
+        "    yield AttentionBackendSpec('aaa_quiet', Quiet, 'sorts first, declares nothing')\n")})
+    monkeypatch.setenv(DISABLE_ENV, "attention_sdpa")  # reference is then the only rival
+    registry = build()
+    monkeypatch.setattr(registry_module, "_REGISTRY", registry)
+    assert registry.get("attention", "aaa_quiet") is not None
+    assert registry.get("attention", "sdpa") is None
+    assert auto_attention().name == "reference"

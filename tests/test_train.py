@@ -60,12 +60,13 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, tiny_spec):
     execute(load_spec(path), tmp_path / "straight", log=lambda m: None)
     # Stop after step 4 (max_minutes is not part of the comparison: emulate a kill by
     # training a copy whose spec says 4 steps, then resuming under the real spec).
-    spec = load_spec(path)
     from bitlm_core.app.build import build_model
     from bitlm_core.app.run import load_dataset
-    from bitlm_core.components import Components
-    from bitlm_core.store.rundir import prepare_run_dir
+    from bitlm_core.components import Components, complete_spec
     from bitlm_core.engine.trainer import TrainState, Trainer
+    from bitlm_core.store.rundir import prepare_run_dir
+
+    spec = complete_spec(load_spec(path))
 
     run_dir = tmp_path / "resumed"
     prepare_run_dir(spec, run_dir, restart=False)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from bitlm_core.app.build import build_model, fit_to_checkpoint
 from bitlm_core.app.generate import SampleResult, decompress_sample, generate
 from bitlm_core.app.textstats import vocabulary, word_share
-from bitlm_core.components import Components, build
+from bitlm_core.components import Components, build, check_interface
 from bitlm_core.engine.callbacks import BUILTIN
 from bitlm_core.engine.evaluation import evaluate
 from bitlm_core.engine.runtime import set_threads
@@ -24,7 +24,7 @@ from bitlm_core.engine.trainer import Trainer, TrainState
 from bitlm_core.registry import get_registry
 from bitlm_core.spec import RunSpec
 from bitlm_core.store.checkpoint import latest_checkpoint, load_optimizer, load_weights, read_state
-from bitlm_core.store.rundir import (DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, prepare_run_dir)
+from bitlm_core.store.rundir import DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, prepare_run_dir
 
 
 def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
@@ -53,7 +53,8 @@ def build_callbacks(comps: Components) -> list[Any]:
     """bitlm's own callbacks in their order, then the spec's ``callbacks``."""
     registry = get_registry()
     own = [registry.build("callback", name) for name in BUILTIN]
-    return own + [build(res) for res in comps.resolved.values() if res.kind == "callback"]
+    return own + [check_interface(res.record, build(res)) for res in comps.resolved.values()
+                  if res.kind == "callback"]
 
 
 def open_run(comps: Components, run_dir: Path | None, restart: bool,

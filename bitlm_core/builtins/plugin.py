@@ -23,7 +23,7 @@ def bitlm_attention_backends():
     yield AttentionBackendSpec("reference", ReferenceAttention,
                                "explicit softmax(QK^T)V; can return attention maps", priority=0)
     yield AttentionBackendSpec("auto", auto_attention,
-                               "the installed backend of highest priority", priority=None)
+                               "the installed backend of highest priority")
 
 
 @hookimpl

@@ -2,9 +2,10 @@
 
 ``run``, ``validate``, ``eval``, ``sample`` and ``plugins`` are the CLI's own; every other
 command comes from a ``bitlm_commands`` record, bitlm's ``codec`` and ``quantize`` included.
-Plugin commands are added when the CLI starts, each checked on its own: one whose module fails
-to import, whose factory returns something else than a Typer app or a function, whose name is
-taken, or that Typer cannot build is skipped, and its plugin is listed as failed.
+Plugin commands are added when the CLI starts, each plugin's on their own: one whose command
+module fails to import, whose factory returns something else than a Typer app or a function,
+whose command name is taken (by the CLI's own commands or an earlier plugin's), or that Typer
+cannot build, adds no command, and its plugin is listed as failed.
 
 Start-up stays fast: nothing here imports torch or numpy; commands import them when they run.
 Every command reports errors through :func:`bitlm_core.cli.errors.guard`.
@@ -91,33 +92,44 @@ def command_from(record, made: Any) -> typer.Typer:
 
 
 def add_plugin_commands(typer_app: typer.Typer) -> None:
-    """Add every ``bitlm_commands`` record's command; skip (and fail) the plugins that break."""
-    from bitlm_core.plugins import describe_exception, get_manager
-    from bitlm_core.registry import Registry, load_factory
+    """Add every ``bitlm_commands`` record's command. A plugin's commands go in together or
+    not at all: one that cannot be built, or whose name is taken (by the CLI's own commands or
+    by another plugin's), fails its plugin, which then provides nothing."""
+    from bitlm_core.plugins import BUILTIN_NAME, describe_exception
+    from bitlm_core.registry import get_registry, load_factory
 
-    try:  # failures are reported (or, strict, raised) when a command uses the registry
-        manager = get_manager(defer_warnings=True)
-        records = Registry(manager, raise_conflicts=False, kinds=("command",)).records
+    try:  # plugin failures are reported when a command first uses the registry
+        registry = get_registry(raise_conflicts=False, report=False)
     except PluginError:  # bitlm's own components failed: every command will say so
         return
-    for record in records["command"].values():
-        info = manager.infos[record.plugin]
-        if info.status != "active":
-            continue
+    for kept, refused in registry.clashes:
+        if kept.kind == "command" and registry.manager.infos[refused.plugin].status == "active":
+            registry.fail(refused.plugin, f"its command '{refused.name}' is also provided by "
+                                          f"{kept.origin}")
+    own = command_names(typer_app)
+    by_plugin: dict[str, list] = {}
+    for record in registry.records["command"].values():
+        by_plugin.setdefault(record.plugin, []).append(record)
+    for plugin, records in by_plugin.items():
         try:
-            if record.name in command_names(typer_app):
-                raise ValueError(f"the command name '{record.name}' is already taken")
-            made = load_factory(record)()
-            command = command_from(record, made)
-            typer.main.get_command(command)  # Typer builds it now, or says why it cannot
+            built = []
+            for record in records:
+                if record.name in own:
+                    raise ValueError(f"the command name '{record.name}' is bitlm's own")
+                made = load_factory(record)()
+                command = command_from(record, made)
+                typer.main.get_command(command)  # Typer builds it now, or says why it cannot
+                built.append((record, made, command))
         except Exception as exc:
-            manager.fail(info, f"command '{record.name}': {describe_exception(exc)}")
+            if plugin != BUILTIN_NAME:  # bitlm's own never fails: tests/test_cli.py checks it
+                registry.fail(plugin, f"command '{record.name}': {describe_exception(exc)}")
             continue
-        if command is made:  # a group
-            help_text = {} if command.info.help else {"help": record.description}
-            typer_app.add_typer(command, name=record.name, **help_text)
-        else:
-            typer_app.registered_commands.extend(command.registered_commands)
+        for record, made, command in built:
+            if command is made:  # a group
+                help_text = {} if command.info.help else {"help": record.description}
+                typer_app.add_typer(command, name=record.name, **help_text)
+            else:
+                typer_app.registered_commands.extend(command.registered_commands)
 
 
 add_plugin_commands(app)

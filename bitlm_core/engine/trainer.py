@@ -24,7 +24,8 @@ import torch
 from bitlm_core.engine.compression import CompressionFeed, RoundTrip, compression_prob
 from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
 from bitlm_core.engine.telemetry import Regularisers
-from bitlm_core.errors import BitlmError
+from bitlm_core.errors import BitlmError, PluginError
+from bitlm_core.plugins import describe_exception
 from bitlm_core.spec import RunSpec
 from bitlm_core.store.checkpoint import save_checkpoint
 from bitlm_core.store.rundir import MetricsLog
@@ -103,9 +104,19 @@ class Trainer:
         self.metrics.write(record)
 
     def emit(self, event: str, state: TrainState, *args) -> None:
-        """Call ``event`` (``on_step``, ``on_eval``, ...) of every callback, in order."""
+        """Call ``event`` (``on_step``, ``on_eval``, ...) of every callback, in order. An
+        exception from a plugin's callback becomes a PluginError naming the callback."""
         for callback in self.callbacks:
-            getattr(callback, event)(self, state, *args)
+            try:
+                getattr(callback, event)(self, state, *args)
+            except BitlmError:
+                raise
+            except Exception as exc:
+                owner = type(callback).__module__
+                if owner.startswith("bitlm_core."):  # a bug of bitlm's own: as it is
+                    raise
+                raise PluginError(f"training callback {type(callback).__qualname__} ({owner}) "
+                                  f"raised in {event}: {describe_exception(exc)}") from exc
 
     def request_stop(self, reason: str) -> None:
         """End the run after this step (with a checkpoint); the first reason given is kept."""

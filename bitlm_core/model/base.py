@@ -159,3 +159,7 @@ class BitTransformerLM(nn.Module):
 
     def cached_decoder(self, prompt):
         raise NotImplementedError
+
+    def frame_states(self, tokens):
+        """Non-causal backbone states of whole frames: the framed layout's (see there)."""
+        raise BitsError(f"frame_states needs the framed layout; this model is {self.layout}")

@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-from bitlm_core.components import complete_spec
 from bitlm_core.errors import CheckpointError
 from bitlm_core.spec import RunSpec, validate_spec
 
@@ -57,19 +56,22 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
     """Create or check the run folder; True when it holds a checkpoint to resume from.
 
-    The folder keeps the completed spec (:func:`bitlm_core.components.complete_spec`), and a
-    resumed run must complete to the same one.
+    ``spec`` must be completed (:func:`bitlm_core.components.complete_spec`): the folder keeps
+    what the run really used. The spec already there is read as this version reads specs, so
+    keys added since it was written take their defaults and do not count as a difference.
     """
     from bitlm_core.store.checkpoint import latest_checkpoint
 
-    spec = complete_spec(spec)
+    if spec.incomplete():
+        raise ValueError(f"prepare_run_dir needs a completed spec ({', '.join(spec.incomplete())}"
+                         " left to installed components): pass it through "
+                         "bitlm_core.components.complete_spec first")
     saved = run_dir / SPEC_FILE
     if restart and saved.is_file():
         shutil.rmtree(run_dir)  # only ever a run folder: never a folder bitlm did not write
     if saved.is_file():
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        current = spec.to_dict()
-        diff = [k for k in _diff_keys(previous, current) if not k.startswith("output.")]
+        previous = read_run_spec(run_dir).to_dict()
+        diff = [k for k in _diff_keys(previous, spec.to_dict()) if not k.startswith("output.")]
         if diff:
             raise CheckpointError(
                 f"run folder {run_dir} holds a run of a different spec (differs at: "
@@ -93,5 +95,11 @@ def read_run_spec(run_dir: Path) -> RunSpec:
     if not spec_path.is_file():
         raise CheckpointError(f"{run_dir} is not a bitlm run folder (no {SPEC_FILE}); give the "
                               "folder that `bitlm run` wrote (default runs/<name>)")
-    return validate_spec(yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {},
-                         str(spec_path))
+    try:
+        raw = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{spec_path} is not valid YAML ({exc}); the run folder is "
+                              "damaged") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{spec_path} is not a spec; the run folder is damaged")
+    return validate_spec(raw, str(spec_path))
