@@ -119,7 +119,7 @@ def test_checkpoint_survives_a_broken_latest_pointer(tmp_path, tiny_spec):
 def test_checkpoints_hold_no_pickles(tmp_path, tiny_spec):
     execute(load_spec(tiny_spec(steps=2)), tmp_path / "r", log=lambda m: None)
     ckpt = latest_checkpoint(tmp_path / "r")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors",
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "model.safetensors",
                                                        "optimizer.safetensors", "state.json"]
     for p in ckpt.iterdir():
         assert not p.read_bytes().startswith(b"\x80")  # pickle protocol marker

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bitlm_core.app.build import build_model, fit_to_checkpoint
 from bitlm_core.components import Components
 from bitlm_core.errors import CheckpointError
 from bitlm_core.spec import RunSpec
-from bitlm_core.store.checkpoint import latest_checkpoint, load_weights, read_state
+from bitlm_core.store.checkpoint import load_weights, read_state, usable_checkpoint
+from bitlm_core.store.lock import checkpoint_lock
 from bitlm_core.store.rundir import read_run_spec
 
 
@@ -25,17 +27,26 @@ class LoadedRun:
     state: dict[str, Any]  # its state.json
 
 
-def load_run(run_dir: Path | str) -> LoadedRun:
-    """Rebuild a run's model from its resolved spec and newest checkpoint (never unpickles)."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr) -> LoadedRun:
+    """Rebuild a run's model from its resolved spec and newest usable checkpoint (never
+    unpickles). A damaged newer checkpoint is skipped, and ``log`` says so. The checkpoint is
+    read under the checkpoints' shared lock, so a run training in the folder meanwhile cannot
+    delete it mid-read."""
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; run `bitlm run` to train it")
-    state = read_state(ckpt)
     comps = Components.build(spec)
     model = build_model(comps.spec, comps)
-    fit_to_checkpoint(model, state)
-    load_weights(ckpt, model)
+    with checkpoint_lock(run_dir, shared=True):
+        ckpt = usable_checkpoint(run_dir, log)
+        if ckpt is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; run `bitlm run` to train "
+                                  "it")
+        state = read_state(ckpt)
+        fit_to_checkpoint(model, state)
+        load_weights(ckpt, model)
     model.eval()
     return LoadedRun(run_dir, comps.spec, comps, model, state["step"], ckpt, state)

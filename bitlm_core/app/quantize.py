@@ -15,7 +15,7 @@ from bitlm_core.app.loading import load_run
 from bitlm_core.errors import CheckpointError
 from bitlm_core.store.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from bitlm_core.store.quantized import METADATA_KEY, SCHEME, quantize_state
-from bitlm_core.store.rundir import SPEC_FILE
+from bitlm_core.store.rundir import SPEC_FILE, foreign_files, write_marker
 
 
 def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
@@ -44,11 +44,17 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
                 f"{dst} exists and is not empty; choose another folder"
                 + (" (--force only replaces a folder written by bitlm quantize)" if force
                    else ", or pass --force to replace a quantized run there"))
+        foreign = foreign_files(dst) if any(dst.iterdir()) else []
+        if foreign:
+            raise CheckpointError(f"{dst} holds files bitlm did not write ("
+                                  f"{', '.join(foreign[:5])}); --force replaces only what bitlm "
+                                  "wrote: move them away, or choose another folder")
     tensors, names = quantize_state(run.model.state_dict())
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        write_marker(tmp)
         shutil.copyfile(src / SPEC_FILE, tmp / SPEC_FILE)
         meta = {k: v for k, v in state.items()
                 if k not in ("format", "version", "step", "optimizer_param_groups")}
@@ -60,7 +66,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # bitlm's files only: checked above
         else:
             os.replace(tmp, dst)
     finally:

@@ -23,18 +23,24 @@ from bitlm_core.engine.runtime import set_threads
 from bitlm_core.engine.trainer import Trainer, TrainState
 from bitlm_core.registry import get_registry
 from bitlm_core.spec import RunSpec
-from bitlm_core.store.checkpoint import latest_checkpoint, load_optimizer, load_weights, read_state
-from bitlm_core.store.rundir import DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, prepare_run_dir
+from bitlm_core.store.checkpoint import load_optimizer, load_weights, read_state, usable_checkpoint
+from bitlm_core.store.lock import run_lock
+from bitlm_core.store.rundir import (DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, check_writable,
+                                     prepare_run_dir)
 
 
 def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
             log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Train (or resume), evaluate, sample; return the summary written to summary.json."""
     comps = Components.build(spec)
-    trainer, state, train_text = open_run(comps, run_dir, restart, log, progress)
-    if state.step < comps.spec.train.steps:
-        state = trainer.fit(state)
-    return finish_run(trainer, state, comps, train_text)
+    run_dir = Path(run_dir or comps.spec.run_dir())
+    check_writable(run_dir)  # before writing anything, the lock file included
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress)
+        if state.step < comps.spec.train.steps:
+            state = trainer.fit(state)
+        return finish_run(trainer, state, comps, train_text)
 
 
 def load_dataset(spec: RunSpec, comps: Components, run_dir: Path):
@@ -57,12 +63,12 @@ def build_callbacks(comps: Components) -> list[Any]:
                   if res.kind == "callback"]
 
 
-def open_run(comps: Components, run_dir: Path | None, restart: bool,
+def open_run(comps: Components, run_dir: Path, restart: bool,
              log: Callable[[str], None], progress) -> tuple[Trainer, TrainState, bytes]:
-    """Prepare the folder, data and model; resume from the newest checkpoint when there is
-    one. Returns the trainer, the state to continue from, and the training text."""
+    """Prepare the folder (hold its run lock), data and model; resume from the newest
+    usable checkpoint when there is one. Returns the trainer, the state to continue from, and
+    the training text."""
     spec = comps.spec
-    run_dir = Path(run_dir or spec.run_dir())
     resume = prepare_run_dir(spec, run_dir, restart)
     set_threads(spec.train.threads)
     dataset, train_text = load_dataset(spec, comps, run_dir)
@@ -76,7 +82,7 @@ def open_run(comps: Components, run_dir: Path | None, restart: bool,
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
                 "elapsed": state.elapsed, "metrics": state.metrics}
 
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = usable_checkpoint(run_dir, log) if resume else None
     saved = read_state(ckpt) if ckpt is not None else None
     if saved is not None:
         fit_to_checkpoint(model, saved)  # before the optimizer is built over its parameters

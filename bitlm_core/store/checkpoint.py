@@ -7,25 +7,55 @@ Layout inside a run folder::
     checkpoints/step-000200/optimizer.safetensors  AdamW moments (tensors only)
     checkpoints/step-000200/state.json             step, model config, resolved spec, metrics,
                                                    optimizer hyper-parameters
+    checkpoints/step-000200/checksums.json         size and SHA-256 of each file above
     checkpoints/latest                             name of the newest complete step folder
 
-A step folder is written under a temporary name and renamed into place when complete; then
-``latest`` is replaced atomically. A crash at any moment leaves the previous checkpoint usable.
+A step folder is written under a temporary name (``.tmp-step-...``) and renamed into place when
+complete; then ``latest`` is replaced atomically, and the oldest folders beyond
+``output.keep_checkpoints`` are deleted (by step number, under the checkpoints lock of
+:mod:`bitlm_core.store.lock`). A crash at any moment leaves the previous checkpoint usable.
+Loading takes the newest checkpoint whose files match their checksums: a damaged one (a
+truncated or flipped file) is skipped, saying so, for the one before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from bitlm_core.errors import CheckpointError
 from bitlm_core.store.atomic import atomic_write_text, fsync_dir
+from bitlm_core.store.lock import checkpoint_lock
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+CHECKSUMS = "checksums.json"
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")  # what checksums cover
+STEP = re.compile(r"step-(\d+)")
+TEMPORARY = re.compile(r"\.tmp-step-\d+-\d+")
+MAX_JSON_BYTES = 64 << 20  # a state.json or checksums.json larger than this is not bitlm's
+
+
+def step_of(folder: Path) -> int | None:
+    """The step a checkpoint folder is named for (``step-001200`` -> 1200), else None."""
+    match = STEP.fullmatch(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders, oldest step first (by number: step-1000000 after
+    step-999999)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
 
 
 def optimizer_tensors(optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -43,13 +73,19 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def restore_optimizer(optimizer, tensors: dict[str, Any], groups: list[dict[str, Any]]) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
     try:
+        for name, t in tensors.items():
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"optimizer state does not match the model: {exc}") from None
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, Any],
@@ -62,12 +98,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
     """
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_step_folder(tmp)
+    tmp.mkdir(exist_ok=True)
     if weights is None:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
@@ -77,42 +113,164 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
         save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"format": FORMAT, "version": VERSION, "step": step,
              "optimizer_param_groups": groups, **meta}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    sums = {f: file_digest(tmp / f) for f in FILES if (tmp / f).is_file()}
+    (tmp / CHECKSUMS).write_text(json.dumps({"format": "bitlm-checksums", "files": sums},
+                                            indent=2), encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    atomic_write_text(root / "latest", name + "\n")
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    with checkpoint_lock(run_dir, shared=False):
+        remove_step_folder(final)
+        if final.exists():  # it holds something bitlm did not write: move in beside it, one
+            for name in (*FILES, CHECKSUMS):  # file at a time, the checksums last
+                if (tmp / name).is_file():
+                    os.replace(tmp / name, final / name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        atomic_write_text(root / LATEST, name + "\n")
+        for old in step_folders(run_dir)[:-keep]:
+            remove_step_folder(old)
     return final
 
 
+def remove_step_folder(folder: Path) -> None:
+    """Delete a checkpoint folder's files (only the ones bitlm writes), then the folder if
+    that left it empty."""
+    if not folder.is_dir():
+        return
+    for name in (*FILES, CHECKSUMS):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something bitlm did not write is in it: leave it
+        pass
+
+
+def remove_temporary_folders(run_dir: Path) -> int:
+    """Delete the ``.tmp-step-*`` folders an interrupted save left; how many there were. Call
+    it only while holding the run lock (a running save's folder looks the same)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return 0
+    leftovers = [p for p in root.iterdir() if p.is_dir() and TEMPORARY.fullmatch(p.name)]
+    for p in leftovers:
+        remove_step_folder(p)
+    return len(leftovers)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*")
-                      if (p / "state.json").is_file() and (p / "model.safetensors").is_file())
+    """The newest complete checkpoint folder of a run, or None (files are not verified: see
+    :func:`usable_checkpoint`)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        name = ""
+    if STEP.fullmatch(name) and is_complete(root / name):
+        return root / name
+    complete = [p for p in step_folders(run_dir) if is_complete(p)]
     return complete[-1] if complete else None
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
+def damage(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be trusted, or None when it can.
+
+    With ``checksums.json`` every file must have the size and SHA-256 it was saved with; an
+    older checkpoint without one must at least have a state.json and safetensors headers that
+    parse.
+    """
+    if not is_complete(folder):
+        return "its files are missing"
+    if (folder / CHECKSUMS).is_file():
+        try:
+            files = _read_json(folder / CHECKSUMS)["files"]
+            for name, expected in files.items():
+                if name not in FILES:
+                    return f"{CHECKSUMS} names an unknown file {name[:40]!r}"
+                path = folder / name
+                if not path.is_file():
+                    return f"{name} is missing"
+                if path.stat().st_size != expected["bytes"]:
+                    return (f"{name} has {path.stat().st_size:,} bytes, it was saved with "
+                            f"{expected['bytes']:,}")
+                if file_digest(path)["sha256"] != expected["sha256"]:
+                    return f"{name} does not match its checksum (its bytes changed)"
+        except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
+            return f"{CHECKSUMS} is damaged ({exc})"
+        return None
     try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {ckpt / 'state.json'}: {exc}") from None
-    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        read_state(folder)
+        from safetensors import SafetensorError, safe_open
+
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            if (folder / name).is_file():
+                with safe_open(str(folder / name), framework="pt") as f:
+                    f.keys()
+    except CheckpointError as exc:
+        return str(exc)
+    except (SafetensorError, OSError) as exc:
+        return f"its weights cannot be read ({exc})"
+    return None
+
+
+def usable_checkpoint(run_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that is not damaged (:func:`damage`); a damaged newer one is
+    skipped with a log line naming it and why. None when the run has no checkpoint; a
+    CheckpointError when it has only damaged ones."""
+    candidates = [p for p in reversed(step_folders(run_dir)) if is_complete(p)]
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and latest in candidates:  # `latest` first: it names the newest save
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    reasons = []
+    for folder in candidates:
+        reason = damage(folder)
+        if reason is None:
+            if reasons and log is not None:
+                log(f"checkpoint {'; '.join(reasons)}: using {folder.name} instead")
+            return folder
+        reasons.append(f"{folder.name} is damaged ({reason})")
+    if reasons:
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged: {'; '.join(reasons)}."
+                              " Train again with --restart")
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB; it is not "
+                                  "a file bitlm wrote")
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    state = _read_json(ckpt / "state.json")
+    if (not isinstance(state, dict) or state.get("format") != FORMAT
+            or state.get("version") != VERSION):
         raise CheckpointError(f"{ckpt} is not a bitlm checkpoint of version {VERSION}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{ckpt / 'state.json'} has step {str(step)[:40]!r}, not a "
+                              "step count; the file is damaged")
+    for key, kind in (("elapsed", (int, float)), ("metrics", dict), ("model_config", dict),
+                      ("optimizer_param_groups", list)):
+        value = state.get(key)
+        if key in state and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise CheckpointError(f"{ckpt / 'state.json'} has a {key} of the wrong type; the "
+                                  "file is damaged")
     return state
 
 
@@ -132,7 +290,7 @@ def load_weights(ckpt: Path, model) -> None:
     if scheme == SCHEME:
         weights = dequantize_state(weights, str(ckpt))
     elif scheme is not None:
-        raise CheckpointError(f"{ckpt} holds weights in the format {scheme!r}, which this "
+        raise CheckpointError(f"{ckpt} holds weights in the format {scheme[:40]!r}, which this "
                               f"bitlm cannot read (it reads float and {SCHEME!r}); upgrade "
                               "bitlm-core")
     elif any(str(t.dtype) == "torch.int8" for t in weights.values()):
@@ -154,6 +312,7 @@ def load_weights(ckpt: Path, model) -> None:
 
 
 def load_optimizer(ckpt: Path, optimizer, state: dict[str, Any]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = ckpt / "optimizer.safetensors"
@@ -163,4 +322,9 @@ def load_optimizer(ckpt: Path, optimizer, state: dict[str, Any]) -> None:
                               "original run folder")
     if not path.is_file():
         raise CheckpointError(f"{ckpt} has no optimizer state; cannot resume training from it")
-    restore_optimizer(optimizer, load_file(str(path)), state["optimizer_param_groups"])
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read the optimizer state of {ckpt}: {exc}") from None
+    restore_optimizer(optimizer, tensors, state.get("optimizer_param_groups", []))
+
