@@ -19,10 +19,11 @@ from bitlm_core.app.textstats import vocabulary, word_share
 from bitlm_core.components import Components, build, check_interface
 from bitlm_core.engine.callbacks import BUILTIN
 from bitlm_core.engine.evaluation import evaluate
-from bitlm_core.engine.runtime import set_threads
+from bitlm_core.engine.runtime import set_threads, signals_as_interrupts
 from bitlm_core.engine.trainer import Trainer, TrainState
 from bitlm_core.registry import get_registry
 from bitlm_core.spec import RunSpec
+from bitlm_core.store.atomic import atomic_write_text
 from bitlm_core.store.checkpoint import load_optimizer, load_weights, read_state, usable_checkpoint
 from bitlm_core.store.lock import run_lock
 from bitlm_core.store.rundir import (DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, check_writable,
@@ -36,7 +37,7 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     run_dir = Path(run_dir or comps.spec.run_dir())
     check_writable(run_dir)  # before writing anything, the lock file included
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):
+    with signals_as_interrupts(), run_lock(run_dir):
         trainer, state, train_text = open_run(comps, run_dir, restart, log, progress)
         if state.step < comps.spec.train.steps:
             state = trainer.fit(state)
@@ -99,6 +100,10 @@ def open_run(comps: Components, run_dir: Path, restart: bool,
         state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
                            metrics=saved.get("metrics", {}))
         log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
+        dropped = trainer.metrics.truncate(state.step)
+        if dropped:
+            log(f"dropped {dropped} records of metrics.jsonl past step {state.step}: the steps "
+                "after the checkpoint are trained again")
     return trainer, state, train_text
 
 
@@ -129,7 +134,7 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
         "held_out_bytes": final["bytes"], "is_bound": final["bound"],
         "samples": [s.text for s in samples], "sample_words_in_training_text": words_known,
     }
-    (trainer.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    atomic_write_text(trainer.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
 
@@ -139,10 +144,11 @@ def write_samples(run_dir: Path, samples: list[SampleResult], comps: Components)
     spec = comps.spec
     decompressed = ([decompress_sample(s, comps) for s in samples]
                     if spec.compression.decompress_output else [None] * len(samples))
-    with open(run_dir / SAMPLES_FILE, "w", encoding="utf-8") as f:
-        for i, (s, d) in enumerate(zip(samples, decompressed)):
-            f.write(f"--- sample {i} (seed {spec.sample.seed + i}"
-                    f"{', blocked: ' + '; '.join(s.decision.reasons) if not s.decision else ''})"
-                    f" ---\n{s.text}\n")
-            if d is not None:
-                f.write(f"--- sample {i} read as a {spec.compression.name} stream ---\n{d}\n")
+    parts = []
+    for i, (s, d) in enumerate(zip(samples, decompressed)):
+        parts.append(f"--- sample {i} (seed {spec.sample.seed + i}"
+                     f"{', blocked: ' + '; '.join(s.decision.reasons) if not s.decision else ''})"
+                     f" ---\n{s.text}\n")
+        if d is not None:
+            parts.append(f"--- sample {i} read as a {spec.compression.name} stream ---\n{d}\n")
+    atomic_write_text(run_dir / SAMPLES_FILE, "".join(parts))

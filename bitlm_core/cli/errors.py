@@ -1,8 +1,8 @@
 """How every ``bitlm`` command reports errors, and the consoles it prints on.
 
 A :class:`~bitlm_core.errors.BitlmError` (bad input) prints one ``error:`` line on stderr and
-exits with its status (2; 3 for a strict safety gate); Ctrl-C says how to resume and exits with
-130; any other exception is a bug, reported as an internal error with exit status 1. With
+exits with its status (2; 3 for a strict safety gate); Ctrl-C and SIGTERM say what was kept and
+how to resume, and exit with 128 + the signal (130, 143); any other exception is a bug, reported as an internal error with exit status 1. With
 ``--debug`` (or ``BITLM_DEBUG=1``) the traceback is shown instead. :func:`guard` gives a
 command this behaviour; the CLI applies it to every command, bitlm's and plugins' alike.
 """
@@ -36,11 +36,16 @@ def user_errors():
             raise
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (bitlm_core.engine.runtime)
         if _state["debug"]:
             raise
-        err.print("interrupted. Run the same command again to resume from the last checkpoint.")
-        raise typer.Exit(130) from None
+        signum = getattr(exc, "signum", 2)
+        if str(exc) and signum:
+            err.print(f"interrupted: {exc}", markup=False, soft_wrap=True)
+        else:
+            err.print("interrupted. Run the same command again to resume from the last "
+                      "checkpoint.")
+        raise typer.Exit(128 + signum) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug, not bad input: say so, and how to see more

@@ -1,6 +1,21 @@
-"""Process-wide settings of a training or inference session (torch threads)."""
+"""Process-wide settings of a session: torch threads, and how signals stop a run.
+
+Signals: ``bitlm run`` must survive SIGINT (Ctrl-C) and SIGTERM (what docker, Slurm and systemd
+send) at any moment with a resumable run folder. :func:`signals_as_interrupts` makes both raise
+:class:`Interrupted` wherever the run is, and :class:`StepBoundary` (used by the training loop)
+holds them back while a step or a checkpoint is under way: the loop stops after the step, saves,
+and then raises. Handlers can only be set in the main thread; elsewhere both do nothing and
+Python's own handling applies.
+"""
 
 from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def set_threads(threads: int | str) -> None:
@@ -10,3 +25,74 @@ def set_threads(threads: int | str) -> None:
 
     if threads != "auto":
         torch.set_num_threads(int(threads))
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal; ``signum`` says which (exit status 128 + signum), the
+    message what was kept."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` inside the block (SIGTERM would otherwise
+    end the process at once, with no cleanup); the previous handlers come back after."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum, f"stopped by {signal_name(signum)}")
+
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class StepBoundary:
+    """Inside the block, SIGINT and SIGTERM are noted instead of acted on: ``received`` holds
+    the first, for the training loop to stop at the end of its step. ``log`` says what will
+    happen, once per signal: the first stops after the step with a checkpoint; later ones while
+    that checkpoint is written are told to wait for it (the save is never abandoned half-way).
+    """
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        name = signal_name(signum)
+        if self.received is None:
+            self.received = signum
+            self.log(f"{name}: stopping after this step, with a checkpoint")
+        else:
+            self.log(f"{name} again: still saving the checkpoint; bitlm stops as soon as it is "
+                     "written (the run stays resumable)")
+
+    def __enter__(self) -> "StepBoundary":
+        if _in_main_thread():
+            self._previous = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

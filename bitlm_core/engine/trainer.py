@@ -23,6 +23,7 @@ import torch
 
 from bitlm_core.engine.compression import CompressionFeed, RoundTrip, compression_prob
 from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
+from bitlm_core.engine.runtime import Interrupted, StepBoundary, signal_name
 from bitlm_core.engine.telemetry import Regularisers
 from bitlm_core.errors import BitlmError, PluginError
 from bitlm_core.plugins import describe_exception
@@ -130,20 +131,29 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
+        """Train to ``train.steps``. A SIGINT or SIGTERM stops the loop between steps: the
+        callbacks' ``on_interrupt`` saves, then :class:`Interrupted` is raised."""
         self.model.train()
         self.stop_reason = None
         self.emit("on_fit_start", state)
         started, before = time.perf_counter(), state.elapsed
-        try:
-            while state.step < self.t.steps and self.stop_reason is None:
-                record = self.step(state)
-                state.step += 1
-                state.elapsed = before + time.perf_counter() - started
-                record.update(step=state.step, time=round(state.elapsed, 3))
-                self.emit("on_step", state, record)
-        except KeyboardInterrupt:
-            self.emit("on_interrupt", state)
-            raise
+        with StepBoundary(self.log) as signals:
+            try:
+                while (state.step < self.t.steps and self.stop_reason is None
+                       and signals.received is None):
+                    record = self.step(state)
+                    state.step += 1
+                    state.elapsed = before + time.perf_counter() - started
+                    record.update(step=state.step, time=round(state.elapsed, 3))
+                    self.emit("on_step", state, record)
+            except KeyboardInterrupt:  # not held back (not the main thread): save what is
+                self.emit("on_interrupt", state)
+                raise
+            if signals.received is not None:
+                self.emit("on_interrupt", state)
+                raise Interrupted(signals.received, f"stopped at step {state.step} by "
+                                  f"{signal_name(signals.received)}; its checkpoint is saved: "
+                                  "run the same command again to resume")
         self.emit("on_end", state)
         if self.stop_reason:
             self.log(f"stopped early at step {state.step}: {self.stop_reason}")

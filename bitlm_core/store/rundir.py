@@ -50,6 +50,30 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate(self, step: int) -> int:
+        """Keep only the records of steps up to ``step`` (a resumed run trains the later ones
+        again) and drop lines that are not whole records (a run killed mid-write); return how
+        many went. Rewritten atomically."""
+        from bitlm_core.store.atomic import atomic_write_text
+
+        if not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    keep = isinstance(record, dict) and record.get("step", 0) <= step
+                except ValueError:
+                    keep = False
+                if keep:
+                    kept.append(line.decode("utf-8").rstrip("\n") + "\n")
+                else:
+                    dropped += 1
+        if dropped:
+            atomic_write_text(self.path, "".join(kept))
+        return dropped
+
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -81,10 +105,10 @@ def is_run_folder(run_dir: Path) -> bool:
 
 def write_marker(run_dir: Path) -> None:
     from bitlm_core import __version__
+    from bitlm_core.store.atomic import atomic_write_text
 
-    (Path(run_dir) / MARKER).write_text(json.dumps({"format": "bitlm-run", "version": 1,
-                                                    "written_by": f"bitlm-core {__version__}"}),
-                                        encoding="utf-8")
+    atomic_write_text(Path(run_dir) / MARKER, json.dumps(
+        {"format": "bitlm-run", "version": 1, "written_by": f"bitlm-core {__version__}"}))
 
 
 def remove_run(run_dir: Path) -> None:
@@ -184,10 +208,11 @@ def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
             write_marker(run_dir)  # a folder of bitlm-core 0.1
         remove_temporary_folders(run_dir)
         return latest_checkpoint(run_dir) is not None
+    from bitlm_core.store.atomic import atomic_write_text
+
     run_dir.mkdir(parents=True, exist_ok=True)
     write_marker(run_dir)
-    (run_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False),
-                                     encoding="utf-8")
+    atomic_write_text(run_dir / SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))
     return False
 
 
