@@ -202,8 +202,12 @@ class Components:
         for path, res in r.items():
             if res.kind != "telemetry":
                 continue
-            metric = make(path)
-            telemetry[getattr(metric, "name", res.record.name)] = metric
+            metric = probe_metric(path, res, make(path))
+            name = getattr(metric, "name", res.record.name)
+            if name in telemetry:
+                raise SpecError(f"{path} is a second metric named '{name}'; both would log "
+                                f"as telemetry/.../{name}: keep one of them")
+            telemetry[name] = metric
             weight = res.options.get("weight", 0.0)
             if weight:
                 key = getattr(res.record, "symbol", None) or res.record.name
@@ -218,6 +222,55 @@ class Components:
                    compressor=make("compression"), gate=make("safety.gate"), sampler=sampler,
                    telemetry=telemetry, regularisers=regularisers,
                    scaling=make("scaling.strategy") if "scaling.strategy" in r else None)
+
+
+DEFAULT_BOUNDS = (0.0, 1.0)  # where a metric's values lie unless it declares ``bounds``
+
+
+def output_problem(value: Any, rows: int, bounds: tuple[float, float]) -> str | None:
+    """What is wrong with a telemetry metric's output for ``rows`` rows, or None: it must be a
+    floating tensor of shape (rows,), finite, within ``bounds``."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if not value.is_floating_point():
+        return f"a tensor of {value.dtype}, not of floats"
+    if tuple(value.shape) != (rows,):
+        return f"shape {tuple(value.shape)} for {rows} rows, not ({rows},)"
+    if not bool(torch.isfinite(value).all()):
+        return "values that are not finite"
+    low, high = float(value.min()), float(value.max())
+    if low < bounds[0] or high > bounds[1]:
+        return f"values in [{low:.4g}, {high:.4g}], outside its bounds {tuple(bounds)}"
+    return None
+
+
+def probe_metric(path: str, res: Resolved, metric: Any) -> Any:
+    """Call a telemetry metric once on a small batch (with and without probabilities) and
+    check its output, so that a plugin's bug is named before training starts, not at the first
+    telemetry step."""
+    import torch
+
+    from bitlm_core.errors import BitlmError
+    from bitlm_core.plugins import describe_exception
+
+    g = torch.Generator().manual_seed(0)
+    bits = (torch.rand(2, 144, generator=g) < 0.5).to(torch.uint8)
+    probs = torch.rand(2, 144, generator=g).clamp(0.01, 0.99)
+    where = f"{res.record.kind} '{res.record.name}' from {res.record.origin} at {path}"
+    for given in (probs, None):
+        try:
+            value = metric(bits, given)
+        except BitlmError:  # a metric may refuse to work without probabilities
+            continue
+        except Exception as exc:
+            raise PluginError(f"{where} raised on a test batch: {describe_exception(exc)}")
+        problem = output_problem(value, 2, getattr(metric, "bounds", DEFAULT_BOUNDS))
+        if problem:
+            raise PluginError(f"{where} returned {problem}; a metric returns one float per row "
+                              "(see bitlm_core.interfaces.TelemetryMetric)")
+    return metric
 
 
 def check_regulariser(path: str, res: Resolved, metric: Any, objective: Any,

@@ -66,9 +66,11 @@ def bitlm_attention_backends() -> Iterable["AttentionBackendSpec"]:  # noqa: F82
 def bitlm_compressors() -> Iterable["CompressorSpec"]:  # noqa: F821
     """Provide lossless bit-stream codecs.
 
-    The factory returns an object with ``name``, ``compress(bits) -> bytes`` and
+    The factory returns an object with ``name``, ``magic`` (the bytes every stream starts with:
+    how ``bitlm codec decompress`` finds the codec of a file), ``compress(bits) -> bytes`` and
     ``decompress(data, max_bits=...) -> torch.Tensor``; ``decompress`` raises
     :class:`bitlm_core.errors.CodecError` on a truncated, corrupted or oversized stream.
+    ``bitlm_core.testing.check_codec_contract`` checks it all.
 
     Example::
 
@@ -84,8 +86,10 @@ def bitlm_telemetry_metrics() -> Iterable["TelemetryMetricSpec"]:  # noqa: F821
 
     The factory returns an object with ``name`` and ``__call__(bits, probs=None) -> Tensor`` of
     shape (B,), one value per sequence, where ``probs`` is the model's probability of a 1 at each
-    position when available. A metric that raises a ``BitlmError`` (for example because it needs
-    ``probs`` and has none) is left out of that measurement.
+    position when available. Values lie in the metric's ``bounds`` (an optional attribute,
+    default (0, 1)); bitlm checks a metric's output once on a small batch when a run is built.
+    A metric that raises a ``BitlmError`` (for example because it needs ``probs`` and has none)
+    is left out of that measurement. ``bitlm_core.testing.check_metric_contract`` checks it all.
 
     Regularisers: every metric slot of a spec takes the option ``weight`` (bitlm's, not passed
     to the factory); a weight above 0 adds ``weight * (1 - value)`` of the model's predictions

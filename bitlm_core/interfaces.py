@@ -60,6 +60,7 @@ class TelemetryMetric(Protocol):
     name: str
     # optional: differentiable = True when the value has a gradient with respect to probs
     # (needed for a regulariser weight); bitlm treats a metric without it as not differentiable
+    # optional: bounds = (low, high) its values lie in; (0.0, 1.0) when it declares none
 
     def __call__(self, bits: "torch.Tensor", probs: Optional["torch.Tensor"] = None
                  ) -> "torch.Tensor":

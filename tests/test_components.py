@@ -113,9 +113,38 @@ def test_components_without_what_bitlm_reads_are_the_plugins_fault():
     assert check_interface(record, good) is good
 
 
+class Confidence:
+    """A second metric with symbol K (as another plugin might declare)."""
+
+    name, differentiable = "confidence", True
+
+    def __call__(self, bits, probs=None):
+        if probs is None:
+            from bitlm_core.errors import BitlmError
+
+            raise BitlmError("confidence needs the model's probabilities")
+        return (probs - 0.5).abs().mean(dim=1) * 2
+
+
 @pytest.mark.needs(*KCS)
 def test_two_weighted_metrics_may_not_log_under_one_key(tiny_spec):
-    neg = {"name": "negentropy", "options": {"source": "probs", "weight": 0.1}}
+    from bitlm_core.records import TelemetryMetricSpec
+    from bitlm_core.registry import Registry
+
+    registry = Registry(get_registry().manager)
+    registry.records["telemetry"]["confidence"] = TelemetryMetricSpec(
+        "confidence", Confidence, symbol="K").with_origin("core", None)
+    spec = tiny(tiny_spec, metrics=[
+        {"name": "negentropy", "options": {"source": "probs", "weight": 0.1}},
+        {"name": "confidence", "options": {"weight": 0.1}}])
     with pytest.raises(SpecError, match=r"metrics\[0\] and telemetry.metrics\[1\] both weight "
                                         r"K \(logged as reg/K\)"):
-        Components.build(tiny(tiny_spec, metrics=[neg, neg]))
+        Components.build(spec, registry)
+
+
+@pytest.mark.needs(*KCS)
+def test_two_metrics_of_one_name_are_refused(tiny_spec):
+    with pytest.raises(SpecError, match=r"metrics\[1\] is a second metric named 'lz_complexity'"):
+        Components.build(tiny(tiny_spec, metrics=[{"name": "lz_complexity"},
+                                                  {"name": "lz_complexity",
+                                                   "options": {"window": 64}}]))

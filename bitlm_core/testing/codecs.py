@@ -26,7 +26,11 @@ What is checked:
   exception, never longer than a time limit, and never more numpy memory than a bound linear
   in the stream size and ``max_bits`` (measured with :mod:`tracemalloc`, which sees numpy
   allocations; memory torch allocates itself is not seen). With ``strict_corruption=True``
-  (for codecs with a checksum) every mutated stream must raise ``CodecError``.
+  (for codecs with a checksum) every mutated stream must raise ``CodecError``; with a
+  ``resign`` function every mutation is also decoded with its checksum made right again, so
+  the parser behind the checksum is fuzzed too.
+* **A decompression bomb**: a small valid stream of many bits must be refused under
+  ``max_bits`` without allocating them.
 
 Hypothesis runs derandomized and without an example database, so a failure reproduces on
 every run and nothing is written to the working directory.
@@ -39,7 +43,7 @@ import threading
 import time
 import tracemalloc
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -337,16 +341,26 @@ def _default_samples() -> list[np.ndarray]:
     ]
 
 
+BOMB_BITS = 1 << 24  # the decompression bomb: this many zero bits, compressed
+
+
 def check_hostile_streams(codec: Any, samples: list | None = None, seed: int = 0,
                           max_bits: int = HOSTILE_MAX_BITS, strict_corruption: bool = False,
                           random_streams: int = 200, timeout: float = DECODE_TIMEOUT,
-                          memory_factor: int = 64) -> dict[str, int]:
+                          memory_factor: int = 64,
+                          resign: Callable[[bytes], bytes] | None = None) -> dict[str, int]:
     """Fuzz ``decompress`` (and ``decompress_batch``) with corrupted and random streams.
 
     Truncations must raise CodecError; other corruptions must raise CodecError or decode to
-    valid bits within ``max_bits`` (with ``strict_corruption``, must raise). Peak numpy memory
-    per decode stays under ``memory_factor * (len(stream) + max_bits) + 1 MiB``. Returns
-    counts: decodes tried, how many raised CodecError.
+    valid bits within ``max_bits`` (with ``strict_corruption``, must raise). A decompression
+    bomb (a valid stream of ``BOMB_BITS`` zero bits, when the codec makes it smaller than its
+    bits) must raise CodecError within the memory bound. Peak numpy memory per decode stays
+    under ``memory_factor * (len(stream) + max_bits) + 1 MiB``.
+
+    ``resign(stream) -> stream``, for a format with a checksum, makes a mutated stream's
+    checksum right again: each mutation is then also decoded re-signed, which reaches the
+    parser behind the checksum (it must still raise CodecError or decode to valid bits).
+    Returns counts: decodes tried, how many raised CodecError.
     """
     import torch
 
@@ -382,6 +396,12 @@ def check_hostile_streams(codec: Any, samples: list | None = None, seed: int = 0
         for j, (data, batch) in enumerate(streams):
             for what, mutated, truncated in stream_mutations(data, rng):
                 safe(mutated, batch, f"stream #{j}: {what}", truncated or strict_corruption)
+                if resign is not None and not truncated:
+                    safe(resign(mutated), batch, f"stream #{j}: {what}, re-signed", False)
+        bomb = codec.compress(torch.zeros(BOMB_BITS, dtype=torch.uint8))
+        if 8 * len(bomb) < BOMB_BITS:  # the codec makes it small: a bomb for max_bits
+            safe(bomb, False, f"a decompression bomb ({BOMB_BITS} zero bits in {len(bomb)} "
+                              "bytes)", True)
         singles = [d for d, b in streams if not b]
         for what, data in _random_streams(singles, rng, random_streams):
             safe(data, False, what, False)
@@ -397,18 +417,18 @@ def check_hostile_streams(codec: Any, samples: list | None = None, seed: int = 0
 
 def check_codec_contract(codec: Any, max_examples: int = 200, batch_examples: int | None = None,
                          max_size: int = 4096, fuzz: bool = True,
-                         strict_corruption: bool = False, seed: int = 0) -> dict[str, int]:
+                         strict_corruption: bool = False, seed: int = 0,
+                         resign: Callable[[bytes], bytes] | None = None) -> dict[str, int]:
     """Run every codec check; return counts of what ran.
 
     ``max_examples`` hypothesis round trips of single sequences (each as uint8 or bool, drawn),
     ``batch_examples`` ragged batch round trips (default ``max_examples // 4``; skipped if the
     codec has no batch API), the fixed edge cases, bad-input checks, and (``fuzz``) the hostile
-    stream checks of :func:`check_hostile_streams`.
+    stream checks of :func:`check_hostile_streams` (with ``resign``, see there).
     """
-    from bitlm_core.interfaces import Compressor
-
-    assert isinstance(codec, Compressor), (
-        f"{codec!r} does not look like a Compressor: it needs name, compress and decompress")
+    missing = [a for a in ("name", "magic", "compress", "decompress") if not hasattr(codec, a)]
+    assert not missing, (f"{type(codec).__name__} does not look like a Compressor: it has no "
+                         f"{', '.join(missing)} (see bitlm_core.interfaces.Compressor)")
     assert isinstance(codec.name, str) and codec.name, "a codec needs a non-empty name"
     report = {"round_trips": 0, "batch_round_trips": 0, "edge_cases": 0}
 
@@ -442,5 +462,6 @@ def check_codec_contract(codec: Any, max_examples: int = 200, batch_examples: in
     check_codec_rejects_bad_input(codec)
     if fuzz:
         report.update(check_hostile_streams(codec, seed=seed,
-                                            strict_corruption=strict_corruption))
+                                            strict_corruption=strict_corruption,
+                                            resign=resign))
     return report

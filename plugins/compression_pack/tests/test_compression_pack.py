@@ -43,6 +43,18 @@ def test_contract_with_checksum():
     assert report["codec_errors"] == report["decodes"]  # the CRC catches every corruption
 
 
+def test_mutated_streams_signed_again_reach_the_parser_safely():
+    from crc32c import crc32c
+
+    from bitlm_core.testing import check_hostile_streams
+
+    def resign(stream: bytes) -> bytes:  # version 2: CRC-32C of what comes before it
+        return stream[:-4] + struct.pack("<I", crc32c(stream[:-4]))
+
+    counts = check_hostile_streams(PackCodec(), random_streams=20, resign=resign)
+    assert counts["decodes"] > counts["codec_errors"] > 0  # some re-signed ones decode
+
+
 def test_contract_without_checksum():
     report = check_codec_contract(PackCodec(checksum=False), max_examples=100)
     assert report["round_trips"] >= 100

@@ -46,6 +46,17 @@ def test_contract_with_checksum():
     assert report["codec_errors"] == report["decodes"]  # the CRC catches every corruption
 
 
+def test_mutated_streams_signed_again_reach_the_parser_safely():
+    import struct
+    import zlib
+
+    def resign(stream: bytes) -> bytes:  # the trailer: zlib.crc32 of what comes before it
+        return stream[:-4] + struct.pack("<I", zlib.crc32(stream[:-4]))
+
+    counts = check_hostile_streams(RunLengthCodec(), random_streams=20, resign=resign)
+    assert counts["decodes"] > counts["codec_errors"] > 0  # some re-signed ones decode
+
+
 def test_contract_without_checksum():
     # Without the CRC some corruptions decode to other valid bits; they must still be safe.
     report = check_codec_contract(RunLengthCodec(checksum=False), max_examples=100, fuzz=False)

@@ -392,3 +392,15 @@ def test_frame_unit_sampler_keeps_the_prompt_and_parity(prompt_bytes, n_frames):
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="framed"):
         sampler.sample(tiny_model("flat"), prompt, 2, torch.Generator(), enc)
+
+
+def test_objective_and_sampler_meet_bitlms_contracts():
+    from bitlm_core.testing import check_objective_contract, check_sampler_contract, tiny_model
+
+    from bitlm_diffusion.objective import DiffusionObjective
+    from bitlm_diffusion.sampler import DiffusionSampler
+
+    for unit in ("bit", "frame"):
+        model = tiny_model(causal=False)
+        check_objective_contract(DiffusionObjective(unit=unit), model)
+        check_sampler_contract(DiffusionSampler(steps=8, unit=unit), model)

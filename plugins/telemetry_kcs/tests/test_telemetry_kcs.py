@@ -371,3 +371,16 @@ def test_plugin_module_imports_neither_torch_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "4"]
+
+
+def test_metrics_and_gate_meet_bitlms_contracts():
+    from bitlm_core.testing import check_gate_contract, check_metric_contract
+
+    from bitlm_telemetry_kcs.gate import KCSGate
+    from bitlm_telemetry_kcs.metrics import LZComplexity, Negentropy, Symbiosis
+
+    for metric in (Negentropy(), Negentropy(source="probs"), Negentropy(block_bits=8),
+                   LZComplexity(), LZComplexity(normalise=False), LZComplexity(window=64),
+                   Symbiosis(), Symbiosis(reference="marginal")):
+        assert check_metric_contract(metric)["calls"] > 0
+    check_gate_contract(KCSGate(), {"lz_complexity": 0.5, "symbiosis": 0.7})

@@ -189,6 +189,12 @@ class LZComplexity:
     name = "lz_complexity"
     differentiable = False  # a phrase count of the bits: logged and gated, never trained on
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """Normalised C exceeds 1 on short rows (3 bits "011": 1.58) and tends to 1 from
+        above; a raw phrase count is at most the row's length."""
+        return (0.0, 2.0) if self.normalise else (0.0, float("inf"))
+
     def __init__(self, window: Optional[int] = None, normalise: bool = True):
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 1):

@@ -1,0 +1,116 @@
+"""bitlm's own components meet the contracts plugin authors are given (bitlm_core.testing), and
+the checks catch what they say they catch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitlm_core.errors import BitlmError
+from bitlm_core.registry import get_registry
+from bitlm_core.testing import (check_callback_contract, check_command_contract,
+                                check_corpus_contract, check_gate_contract,
+                                check_metric_contract, check_objective_contract,
+                                check_sampler_contract, check_scaling_contract, tiny_model)
+
+
+def build(kind, name, **options):
+    return get_registry().build(kind, name, options)
+
+
+def test_core_components_meet_their_contracts(tmp_path):
+    check_gate_contract(build("safety", "none"), {"lz_complexity": 0.5})
+    for name, options in (("depth", {"add": 1}), ("width", {}), ("context", {})):
+        check_scaling_contract(build("scaling", name, **options))
+    check_objective_contract(build("objective", "causal"))
+    check_sampler_contract(build("sampler", "autoregressive"))
+    check_sampler_contract(build("sampler", "autoregressive", cache=False, temperature=0.0))
+    (tmp_path / "t.txt").write_text("some text")
+    assert check_corpus_contract(build("corpus", "file", path=str(tmp_path / "t.txt"))) == \
+        b"some text"
+    check_corpus_contract(build("corpus", "quickstart"))
+    registry = get_registry()
+    for name in registry.names("command"):
+        check_command_contract(registry.get("command", name).load(), name)
+    from bitlm_core.engine.callbacks import BUILTIN
+
+    for name in BUILTIN:
+        check_callback_contract(lambda name=name: build("callback", name))
+
+
+class Scalar:
+    name = "scalar"
+
+    def __call__(self, bits, probs=None):
+        return torch.tensor(0.5)  # one value for the whole batch
+
+
+class TooHigh:
+    name = "too_high"
+
+    def __call__(self, bits, probs=None):
+        from bitlm_core.bits import check_bits
+
+        return check_bits(bits).float().sum(dim=1)  # a count, not in [0, 1]
+
+
+class Chatty:
+    name = "chatty"
+
+    def __call__(self, bits, probs=None):
+        from bitlm_core.bits import check_bits
+
+        return check_bits(bits).float().mean(dim=1)
+
+
+class Meddler:
+    """Changes training: the weights go one way in on_step."""
+
+    def __getattr__(self, event):
+        if event.startswith("on_"):
+            return lambda *a: None
+        raise AttributeError(event)
+
+    def on_step(self, trainer, state, record):
+        with torch.no_grad():
+            next(trainer.model.parameters()).add_(1.0)
+
+
+def test_the_checks_catch_what_they_say():
+    check_metric_contract(Chatty())
+    with pytest.raises(AssertionError, match=r"shape \(\) for 3 rows"):
+        check_metric_contract(Scalar())
+    with pytest.raises(AssertionError, match=r"outside its bounds \(0.0, 1.0\)"):
+        check_metric_contract(TooHigh())
+    with pytest.raises(AssertionError, match="other weights than without it"):
+        check_callback_contract(Meddler)
+
+    class Shrinker:
+        name = "shrinker"
+
+        def grow(self, model):
+            with torch.no_grad():
+                model.ln_f.weight.mul_(0.5)
+            return model
+
+    with pytest.raises(AssertionError, match="changed the model's outputs"):
+        check_scaling_contract(Shrinker())
+
+
+def test_a_run_refuses_a_metric_that_breaks_its_contract_before_training(tmp_path, tiny_spec):
+    from bitlm_core.components import Components
+    from bitlm_core.errors import PluginError
+    from bitlm_core.records import TelemetryMetricSpec
+    from bitlm_core.registry import Registry
+    from bitlm_core.spec import load_spec
+
+    registry = Registry(get_registry().manager)
+    registry.records["telemetry"]["scalar"] = TelemetryMetricSpec("scalar", Scalar).with_origin(
+        "fake", None)
+    spec = load_spec(tiny_spec(steps=2, telemetry={"metrics": [{"name": "scalar"}]}))
+    with pytest.raises(PluginError, match=r"telemetry 'scalar' from plugin 'fake' at "
+                                          r"telemetry.metrics\[0\] returned shape \(\) for 2 "
+                                          r"rows"):
+        Components.build(spec, registry)
+    assert issubclass(PluginError, BitlmError)
+    assert tiny_model().cfg.layout == "framed"
