@@ -13,7 +13,7 @@ import difflib
 import inspect
 from typing import Any, Mapping
 
-from bitlm_core.errors import PluginError, ResolutionError
+from bitlm_core.errors import BitlmError, PluginError, ResolutionError
 from bitlm_core.plugins import PluginManager, describe_exception, get_manager
 from bitlm_core.records import KINDS, ComponentSpec
 
@@ -138,10 +138,15 @@ class Registry:
         bound = self.bind(record, options, path)
         try:
             return load_factory(record)(*bound.args, **bound.kwargs)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # OptionError, CodecError... included
             raise ResolutionError(
                 f"{kind} '{name}' at {path or kind} rejected its options: {exc}"
             ) from exc
+        except BitlmError:
+            raise
+        except Exception as exc:  # a plugin's failure, not the spec's: say whose
+            raise PluginError(f"{kind} '{name}' from {record.origin} failed to build: "
+                              f"{describe_exception(exc)}") from exc
 
 
 def _is_import_path(value: Any) -> bool:

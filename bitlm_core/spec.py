@@ -1,4 +1,4 @@
-"""The run spec: YAML (loaded with ``yaml.safe_load``) validated into frozen pydantic models.
+"""The run spec: YAML (a safe loader without aliases) validated into frozen pydantic models.
 
 Every component slot has the shape ``{name: ..., options: {...}}``. Unknown keys are errors with
 a close-match suggestion; wrong types name their key path. Options are checked against the
@@ -11,10 +11,11 @@ This module imports no torch.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bitlm_core.errors import SpecError
 
 QUICKSTART_SPEC = "quickstart.yaml"
+MAX_SEED = 2**63 - 1  # what torch's and numpy's generators take
 
 
 class Strict(BaseModel):
@@ -87,8 +89,9 @@ class TrainSection(Strict):
     beta2: float = Field(0.99, ge=0, lt=1)
     grad_clip: float = Field(0.05, ge=0, description="max gradient norm (loss in nats per bit); "
                                                      "0 disables clipping")
-    seed: int = 0
-    threads: Union[int, Literal["auto"]] = Field(1, description="torch threads; 1 is bitwise "
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    threads: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        1, description="torch threads; 1 is bitwise "
                                                  "reproducible, 'auto' (one per core) faster")
     eval_every: int = Field(200, ge=1)
     eval_batches: int = Field(8, ge=1)
@@ -165,7 +168,7 @@ class SampleSection(Strict):
     prompt: str = "The "
     bytes: int = Field(200, ge=0)
     count: int = Field(1, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class DistributedSection(Strict):
@@ -210,17 +213,74 @@ class RunSpec(Strict):
 
 
 # -- loading -------------------------------------------------------------------------------
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; anything this large is a mistake
+SHOWN = reprlib.Repr()  # values quoted in messages: bounded, whatever the input
+SHOWN.maxstring = SHOWN.maxother = 60
+SHOWN.maxlist = SHOWN.maxdict = SHOWN.maxtuple = 4
+SHOWN.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr`` of a value for an error message, cut to a few dozen characters."""
+    return SHOWN.repr(value)
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what a spec never needs and an attacker would use:
+    aliases (``*name``: a 500-byte "billion laughs" expands to gigabytes) and a key given twice
+    in one mapping (YAML would keep the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not accepted in a spec; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {shown(key)} is given twice in one mapping",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML data through :class:`SpecLoader` (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder, not a spec file (give the YAML file)")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path} (check the path, or run `bitlm run` with "
                         "no spec for the embedded quickstart)")
-    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 10} KB; a spec is a page of "
+                        "YAML (give the file, not a corpus)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return parse_yaml(text, str(path))
 
 
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -246,12 +306,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise SpecError(f"override {item!r} must look like key.path=value "
+            raise SpecError(f"override {shown(item)} must look like key.path=value "
                             "(for example train.steps=200)")
         key, _, text = item.partition("=")
         parts = [p for p in key.strip().split(".")]
         if not all(parts):
-            raise SpecError(f"override {item!r} has an empty key path segment")
+            raise SpecError(f"override {shown(item)} has an empty key path segment")
         value = _parse_value(text)
         node = raw
         for i, part in enumerate(parts[:-1]):
@@ -259,7 +319,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise SpecError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, "
+                raise SpecError(f"override {shown(item)}: {'.'.join(parts[:i + 1])} is a value, "
                                 "not a section")
             node = child
         node[parts[-1]] = value
@@ -271,7 +331,7 @@ def _parse_value(text: str) -> Any:
     if not text.strip():
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
@@ -341,6 +401,6 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(msg)
         else:
             given = err.get("input")
-            shown = "" if isinstance(given, dict) else f", got {given!r}"
-            lines.append(f"  {path}: {err['msg']}{shown}")
+            got = "" if isinstance(given, dict) else f", got {shown(given)}"
+            lines.append(f"  {path}: {err['msg'][:200]}{got}")
     return "\n".join(lines)

@@ -459,6 +459,22 @@ def test_run_works_with_a_broken_plugin_installed(broken_plugin_env, tiny_spec, 
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+@pytest.mark.needs("objective:diffusion", "sampler:diffusion", "telemetry:lz_complexity",
+                   "compressor:rle")
+def test_validate_builds_every_component_as_run_would(tmp_path, tiny_spec, invoke):
+    cases = {  # each passed validate while `bitlm run` refused it
+        "sampler": ({"objective": {"name": "diffusion"},
+                     "sample": {"sampler": {"name": "autoregressive"}}}, "disagree"),
+        "weight": ({"telemetry": {"metrics": [{"name": "lz_complexity",
+                                               "options": {"weight": 0.1}}]}},
+                   "not differentiable"),
+        "factory": ({"compression": {"name": "rle", "options": {"max_bits": -1}}},
+                    "compressor 'rle' at compression rejected its options"),
+    }
+    for case, (sections, needle) in cases.items():
+        assert_user_error(invoke("validate", tiny_spec(**sections)), needle)
+
+
 def test_strict_mode_makes_a_broken_plugin_an_error_and_keeps_bitlms_commands(
         broken_plugin_env, tmp_path):
     env = {**broken_plugin_env, "BITLM_STRICT_PLUGINS": "1"}
@@ -588,6 +604,19 @@ def test_sample_is_seeded_and_continues_the_prompt(trained, tmp_path):
 
 
 @pytest.mark.needs("safety:kcs", "objective:diffusion", "sampler:diffusion")
+def test_sample_text_is_printed_as_generated_whatever_the_terminal_width(trained):
+    args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "150", "--seed", "4"]
+    narrow, wide, judged = cli_parallel(args, args, [*args, "--gate", "none"],
+                                        env={"COLUMNS": "30"})
+    wide = cli(*args, env={"COLUMNS": "300"})
+    assert narrow.returncode == wide.returncode == judged.returncode == 0, narrow.stderr
+    assert narrow.stdout == wide.stdout  # no line wrapped at the console's width
+    assert len(narrow.stdout.rstrip("\n")) >= len("the ") + 40  # longer than 30 columns
+    assert judged.stdout == narrow.stdout  # streamed as made, or printed once judged: the same
+    too_many = cli("sample", trained.run_dir, "--bytes", "1000001")
+    assert too_many.returncode == 2 and "--bytes" in too_many.stderr
+
+
 def test_sample_with_a_gate_retries_and_reports(trained):
     args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "30"]
     gated, bad_gate, bad_fallback = cli_parallel(

@@ -24,6 +24,19 @@ def test_example_spec_shows_every_section_and_validates():
     resolve_spec(load_spec(path))
 
 
+def test_the_example_spec_holds_every_default():
+    from pathlib import Path
+
+    from bitlm_core.spec import RunSpec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "full.yaml"
+    example = load_spec(path).to_dict()
+    assert example.pop("name") == "full-example"
+    defaults = RunSpec().to_dict()
+    defaults.pop("name")
+    assert example == defaults  # the README says it shows the defaults: it must
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")

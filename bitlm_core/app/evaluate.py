@@ -9,17 +9,39 @@ from bitlm_core.app.loading import LoadedRun
 from bitlm_core.errors import DataError
 
 
-def read_text_file(path: Path) -> bytes:
+MAX_PIPED_BYTES = 256 << 20  # what is read from a pipe or device (files are memory-mapped)
+
+
+def read_text_file(path: Path):
+    """The bytes of a text file, memory-mapped (read as needed, never all held at once), or
+    for a pipe or device (``/dev/stdin``, a shell's ``<(...)``) read up to
+    :data:`MAX_PIPED_BYTES`."""
+    import numpy as np
+
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a text file")
+    if not path.exists():
         raise DataError(f"text file not found: {path}")
-    return path.read_bytes()
+    try:
+        if path.is_file():
+            return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else b""
+        with open(path, "rb") as f:
+            data = f.read(MAX_PIPED_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PIPED_BYTES:
+        raise DataError(f"{path} streams more than {MAX_PIPED_BYTES:,} bytes; save it to a file "
+                        "(files of any size are read as needed)")
+    return data
 
 
-def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 16,
+def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
                    stride: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Bits per byte of ``run``'s model on any text, however long.
+    """Bits per byte of ``run``'s model on any text, however long: ``data`` is bytes or a
+    memory-mapped array of them (:func:`read_text_file`), encoded a batch of windows at a time,
+    so memory does not grow with the text.
 
     A causal model scores the text with a sliding window of its context (``data.seq_len``
     bytes, or what ``scaling`` grew it to) moved by ``stride`` bytes (default half the
@@ -30,30 +52,42 @@ def evaluate_bytes(run: LoadedRun, data: bytes, source: str, batch_size: int = 1
     import torch
 
     from bitlm_core.engine.dataset import check_text
-    from bitlm_core.engine.evaluation import score_batches, score_sliding
+    from bitlm_core.engine.evaluation import score_batches, score_windows
 
     check_text(data, source, run.spec.data.require_utf8)
     enc, objective = run.comps.encoder, run.comps.objective
     Fb, W = enc.frame_bits, run.model.cfg.max_frames  # data.seq_len, or more if it grew
-    bits = torch.from_numpy(enc.encode_np(data))
+    n = len(data)
+
+    def read(begin: int, count: int):
+        return torch.from_numpy(enc.encode_np(bytes(data[begin: begin + count])))
+
     is_bound = bool(objective.is_bound)
     if objective.causal and not is_bound:
         stride = max(1, W // 2) if stride is None else stride
         if not 1 <= stride <= W:
             raise DataError(f"--stride must be between 1 and the model's context ({W} bytes), "
                             f"got {stride}")
-        bpb, n_bytes = score_sliding(run.model, bits, Fb, W, stride, batch_size, progress)
+        bpb, n_bytes = score_windows(run.model, read, n, Fb, W, stride, batch_size, progress)
         return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": False,
                 "window": W, "stride": stride}
     if stride is not None:
         raise DataError(f"--stride applies to causal models; this run's objective "
                         f"'{run.spec.objective.name}' is scored in non-overlapping windows of "
                         f"{W} bytes (its figure is a bound); leave --stride out")
-    full = (len(data) // W) * W
-    rows = bits[: full * Fb].view(-1, W * Fb)
-    batches = list(rows.split(batch_size))
-    if full < len(data):
-        batches.append(bits[full * Fb:].view(1, -1))  # the last, shorter window
-    bpb, n_bytes = score_batches(run.model, objective, batches, Fb)
+    starts = list(range(0, n, W))  # the last window may be shorter
+
+    def batches():
+        for i in range(0, len(starts), batch_size):
+            group = starts[i: i + batch_size]
+            if progress is not None:
+                progress(min(i + batch_size, len(starts)), len(starts))
+            full = [b for b in group if b + W <= n]
+            if full:
+                yield torch.stack([read(b, W) for b in full])
+            if len(full) < len(group):
+                yield read(group[-1], n - group[-1]).view(1, -1)
+
+    bpb, n_bytes = score_batches(run.model, objective, batches(), Fb)
     return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": is_bound,
             "window": W, "stride": W}

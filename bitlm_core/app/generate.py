@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from bitlm_core.components import Components
-from bitlm_core.errors import BitsError, CodecError, SafetyError
+from bitlm_core.errors import BitsError, CodecError, DataError, SafetyError
 from bitlm_core.interfaces import GateDecision
 
 
@@ -32,19 +32,37 @@ class SampleResult:
     prompt_bits: int = 0  # how many of ``bits`` are the prompt's
 
 
+def takes_on_frame(sampler) -> bool:
+    """Whether a sampler can report each frame as it makes it (``on_frame``)."""
+    import inspect
+
+    try:
+        return "on_frame" in inspect.signature(sampler.sample).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def generate(model, encoder, sampler, prompt: str, n_bytes: int, seed: int = 0, gate=None,
-             telemetry: dict[str, Any] | None = None, strict: bool = False) -> SampleResult:
-    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through ``gate``."""
+             telemetry: dict[str, Any] | None = None, strict: bool = False,
+             on_frame: Optional[Callable[[Any], None]] = None) -> SampleResult:
+    """Sample ``n_bytes`` after ``prompt``, decode to text, and pass it through ``gate``.
+
+    ``on_frame(bits)`` is called with each new frame as the sampler makes it, for samplers
+    that can (:func:`takes_on_frame`); it is ignored for the others."""
     import numpy as np
     import torch
 
     from bitlm_core.engine.telemetry import sample_metrics
 
     enc = encoder
-    prompt_bits = enc.encode(prompt.encode("utf-8"))
+    try:
+        prompt_bits = enc.encode(prompt.encode("utf-8"))
+    except UnicodeEncodeError:  # text from a terminal with bytes that are not UTF-8
+        raise DataError("the prompt is not valid UTF-8 text; give it as UTF-8") from None
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    bits = sampler.sample(model, prompt_bits, n_bytes, gen, enc)
+    extra = {"on_frame": on_frame} if on_frame is not None and takes_on_frame(sampler) else {}
+    bits = sampler.sample(model, prompt_bits, n_bytes, gen, enc, **extra)
     frames = bits.cpu().numpy().reshape(-1, enc.frame_bits)
     frames, fixed = enc.enforce(frames)  # a no-op for samplers that already enforce parity
     fixed += getattr(sampler, "parity_fixed", 0)
@@ -126,14 +144,16 @@ def hil_safe_inference(model, encoder, sampler, prompt: str, n_bytes: int, *, ga
 def safe_sample_with_retry(model, encoder, samplers: Sequence[Any], prompt: str, n_bytes: int,
                            *, gate, telemetry: Mapping[str, Any], seed: int = 0,
                            max_retries: int = 3, strict: bool = False,
-                           log: Optional[Callable[[str], None]] = None) -> SafeSample:
+                           log: Optional[Callable[[str], None]] = None,
+                           on_frame: Optional[Callable[[Any], None]] = None) -> SafeSample:
     """Sample until the gate allows, at most ``1 + max_retries`` attempts.
 
     Attempt ``i`` uses seed ``seed + i``. The first sampler is tried first; once it has been
     blocked, later attempts go round the other samplers given (``samplers[1:]``) and back, so a
     fallback such as ``diffusion`` gets its turn. Every attempt is logged and kept in the
     result. When every attempt is blocked, strict mode raises :class:`SafetyError` listing them;
-    otherwise the last attempt is returned with a :class:`SafetyWarning`.
+    otherwise the last attempt is returned with a :class:`SafetyWarning`. ``on_frame`` is
+    passed to :func:`generate` for every attempt.
     """
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -147,7 +167,7 @@ def safe_sample_with_retry(model, encoder, samplers: Sequence[Any], prompt: str,
         if hasattr(gate, "reset"):
             gate.reset()  # each attempt is judged on its own
         result = generate(model, encoder, sampler, prompt, n_bytes, seed=seed + i, gate=gate,
-                          telemetry=telemetry, strict=False)
+                          telemetry=telemetry, strict=False, on_frame=on_frame)
         d = result.decision
         attempts.append(Attempt(i + 1, getattr(sampler, "name", type(sampler).__name__),
                                 seed + i, bool(d), tuple(d.reasons), dict(d.metrics)))

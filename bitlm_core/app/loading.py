@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bitlm_core.app.build import build_model, fit_to_checkpoint
+from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint
 from bitlm_core.components import Components
 from bitlm_core.errors import CheckpointError
 from bitlm_core.spec import RunSpec
@@ -39,6 +39,7 @@ def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr) -> Loade
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
     comps = Components.build(spec)
+    check_memory(comps.spec, comps, training=False)  # a run folder's spec.yaml is input too
     model = build_model(comps.spec, comps)
     with checkpoint_lock(run_dir, shared=True):
         ckpt = usable_checkpoint(run_dir, log)
@@ -46,7 +47,7 @@ def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr) -> Loade
             raise CheckpointError(f"{run_dir} has no checkpoint yet; run `bitlm run` to train "
                                   "it")
         state = read_state(ckpt)
-        fit_to_checkpoint(model, state)
+        fit_to_checkpoint(model, state, ckpt)
         load_weights(ckpt, model)
     model.eval()
     return LoadedRun(run_dir, comps.spec, comps, model, state["step"], ckpt, state)

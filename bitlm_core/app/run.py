@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from bitlm_core.app.build import build_model, fit_to_checkpoint
+from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint
 from bitlm_core.app.generate import SampleResult, decompress_sample, generate
 from bitlm_core.app.textstats import vocabulary, word_share
 from bitlm_core.components import Components, build, check_interface
@@ -34,22 +34,34 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
             log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Train (or resume), evaluate, sample; return the summary written to summary.json."""
     comps = Components.build(spec)
+    check_memory(comps.spec, comps)
+    corpus = read_corpus(comps)  # a corpus that cannot be used leaves no folder behind
     run_dir = Path(run_dir or comps.spec.run_dir())
     check_writable(run_dir)  # before writing anything, the lock file included
     run_dir.mkdir(parents=True, exist_ok=True)
     with signals_as_interrupts(), run_lock(run_dir):
-        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress)
+        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress, corpus)
         if state.step < comps.spec.train.steps:
             state = trainer.fit(state)
         return finish_run(trainer, state, comps, train_text)
 
 
-def load_dataset(spec: RunSpec, comps: Components, run_dir: Path):
-    """The corpus encoded into the run folder, and the training text (for the word share)."""
+def read_corpus(comps: Components) -> bytes:
+    """The run's corpus, read and checked (not empty; UTF-8 unless data.require_utf8 is off)."""
+    from bitlm_core.engine.dataset import check_text
+
+    spec = comps.spec
+    data = build(comps.resolved["data.corpus"]).read()
+    check_text(data, f"corpus '{spec.data.corpus.name}'", spec.data.require_utf8)
+    return data
+
+
+def load_dataset(spec: RunSpec, comps: Components, run_dir: Path, data: bytes | None = None):
+    """The corpus (read now unless given) encoded into the run folder, and the training text
+    (for the word share)."""
     from bitlm_core.engine.dataset import prepare_dataset
 
-    corpus = build(comps.resolved["data.corpus"])
-    data = corpus.read()
+    data = read_corpus(comps) if data is None else data
     dataset = prepare_dataset(data, comps.encoder, spec.data.seq_len, spec.data.val_fraction,
                               run_dir / DATA_DIR, source=f"corpus '{spec.data.corpus.name}'",
                               require_utf8=spec.data.require_utf8)
@@ -64,15 +76,15 @@ def build_callbacks(comps: Components) -> list[Any]:
                   if res.kind == "callback"]
 
 
-def open_run(comps: Components, run_dir: Path, restart: bool,
-             log: Callable[[str], None], progress) -> tuple[Trainer, TrainState, bytes]:
+def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str], None],
+             progress, corpus: bytes | None = None) -> tuple[Trainer, TrainState, bytes]:
     """Prepare the folder (hold its run lock), data and model; resume from the newest
     usable checkpoint when there is one. Returns the trainer, the state to continue from, and
     the training text."""
     spec = comps.spec
     resume = prepare_run_dir(spec, run_dir, restart)
     set_threads(spec.train.threads)
-    dataset, train_text = load_dataset(spec, comps, run_dir)
+    dataset, train_text = load_dataset(spec, comps, run_dir, corpus)
     model = build_model(spec, comps)
     attention = getattr(comps.attention, "name", spec.attention.name)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
@@ -86,7 +98,7 @@ def open_run(comps: Components, run_dir: Path, restart: bool,
     ckpt = usable_checkpoint(run_dir, log) if resume else None
     saved = read_state(ckpt) if ckpt is not None else None
     if saved is not None:
-        fit_to_checkpoint(model, saved)  # before the optimizer is built over its parameters
+        fit_to_checkpoint(model, saved, ckpt)  # before the optimizer is built over its parameters
         dataset = dataclasses.replace(dataset, seq_frames=model.cfg.max_frames)
     trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
                       compressor=comps.compressor if spec.compression.prob > 0 else None,

@@ -31,7 +31,9 @@ class AutoregressiveSampler:
         self.cache = bool(cache)
         self.parity_fixed = 0
 
-    def sample(self, model, prompt, n_frames: int, generator, encoder):
+    def sample(self, model, prompt, n_frames: int, generator, encoder, on_frame=None):
+        """``on_frame(bits)``, when given, is called with each frame's bits as it is made (to
+        stream the text, or show progress)."""
         import torch
 
         from bitlm_core.model import eval_mode
@@ -50,6 +52,11 @@ class AutoregressiveSampler:
                 else:
                     bit = choose_bit(logits, generator, self.temperature, self.top_k,
                                      self.top_p)
-                frame = [] if len(frame) == Fb - 1 else frame + [bit]
                 dec.push(bit)
+                if len(frame) == Fb - 1:
+                    if on_frame is not None:
+                        on_frame(dec.history[0, -Fb:])
+                    frame = []
+                else:
+                    frame = frame + [bit]
             return dec.history.view(-1)

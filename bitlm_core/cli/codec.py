@@ -30,26 +30,45 @@ codec_app = typer.Typer(
     no_args_is_help=True,
 )
 
+DEFAULT_MAX_BITS = 1 << 28  # 268 M bits (30 MB of parity9 text): at most about 1 GB of memory
 EncoderOpt = typer.Option("parity9", "--encoder", help="How bytes become bits: parity9 or raw8.")
 ForceOpt = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists.")
+MaxBitsOpt = typer.Option(DEFAULT_MAX_BITS, "--max-bits", min=0,
+                          help="Refuse inputs and streams of more bits (a guard against "
+                               "decompression bombs and files too large for memory: about 3.5 "
+                               "bytes of memory per bit).")
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of ``path`` (a file, or a device such as a pipe), or an error
+    saying it is larger: nothing unbounded is ever read."""
+    if path.is_dir():
+        raise BitlmError(f"{path} is a directory; give a file")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise BitlmError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BitlmError(f"{path} is a directory; give a file") from None
     except OSError as exc:
         raise BitlmError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise BitlmError(f"{path} is larger than {limit:,} bytes, the most {what} takes with "
+                         "--max-bits as given; raise --max-bits if you mean it")
+    return data
+
+
+def _check_out(path: Path, force: bool) -> None:
+    """Before any work: OUT may be written."""
+    if path.is_dir():
+        raise BitlmError(f"{path} is a directory; give a file to write")
+    if path.exists() and not force:
+        raise BitlmError(f"{path} exists; pass --force to overwrite it")
 
 
 def _write_atomic(path: Path, data: bytes, force: bool) -> None:
     from bitlm_core.store.atomic import atomic_write_bytes
 
-    if path.exists() and not force:
-        raise BitlmError(f"{path} exists; pass --force to overwrite it")
+    _check_out(path, force)
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
@@ -77,14 +96,16 @@ def compress(
                               "them)."),
     encoder: str = EncoderOpt,
     force: bool = ForceOpt,
+    max_bits: int = MaxBitsOpt,
 ) -> None:
     """Compress a file's bits into a self-describing stream."""
     import torch
 
     from bitlm_core.registry import get_registry
 
+    _check_out(dst, force)
     enc = _encoder(encoder)
-    bits = torch.from_numpy(enc.encode_np(_read(src)))
+    bits = torch.from_numpy(enc.encode_np(_read(src, max_bits // enc.frame_bits, "compress")))
     c = get_registry().build("compressor", codec, path="--codec")
     stream = c.compress(bits)
     _write_atomic(dst, stream, force)
@@ -100,13 +121,13 @@ def decompress(
     src: Path = typer.Argument(..., metavar="IN", help="Stream written by `bitlm codec compress`."),
     dst: Path = typer.Argument(..., metavar="OUT", help="File to write."),
     encoder: str = EncoderOpt,
-    max_bits: int = typer.Option(1 << 30, "--max-bits", min=0,
-                                 help="Refuse streams declaring more bits (decompression-bomb "
-                                      "guard)."),
+    max_bits: int = MaxBitsOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Decompress a stream; the codec is read from the stream's header."""
-    data = _read(src)
+    _check_out(dst, force)
+    # no stream is larger than its bits at one byte each (identity), plus its header
+    data = _read(src, max_bits + (1 << 20), "decompress")
     codec = codec_for_stream(data, installed_codecs())
     bits = codec.decompress(data, max_bits=max_bits)
     enc = _encoder(encoder)
@@ -128,12 +149,13 @@ def stats(
                                                help="Only these codecs (repeatable)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timings are the best of this many."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    max_bits: int = MaxBitsOpt,
 ) -> None:
     """Ratio and encode/decode speed of every installed codec on a file's bits."""
     import torch
 
     enc = _encoder(encoder)
-    bits = torch.from_numpy(enc.encode_np(_read(src)))
+    bits = torch.from_numpy(enc.encode_np(_read(src, max_bits // enc.frame_bits, "stats")))
     available = installed_codecs()
     for name in codecs or []:
         if name not in available:

@@ -2,7 +2,8 @@
 
 A :class:`~bitlm_core.errors.BitlmError` (bad input) prints one ``error:`` line on stderr and
 exits with its status (2; 3 for a strict safety gate); Ctrl-C and SIGTERM say what was kept and
-how to resume, and exit with 128 + the signal (130, 143); any other exception is a bug, reported as an internal error with exit status 1. With
+how to resume, and exit with 128 + the signal (130, 143); any other exception is a bug,
+reported as an internal error with exit status 1. With
 ``--debug`` (or ``BITLM_DEBUG=1``) the traceback is shown instead. :func:`guard` gives a
 command this behaviour; the CLI applies it to every command, bitlm's and plugins' alike.
 """
@@ -24,6 +25,12 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 _state = {"debug": os.environ.get("BITLM_DEBUG", "") not in ("", "0")}
 _default_showwarning = warnings.showwarning
+
+
+def print_text(text: str) -> None:
+    """Generated text on stdout exactly as it is (rich would wrap it at the terminal width)."""
+    out.file.write(text + "\n")
+    out.file.flush()
 
 
 @contextmanager

@@ -9,8 +9,52 @@ from typing import List, Optional
 
 import typer
 
-from bitlm_core.cli.errors import err, out
-from bitlm_core.errors import BitlmError
+from bitlm_core.cli.errors import err, out, print_text
+from bitlm_core.errors import BitlmError, DataError
+
+
+MAX_SAMPLE_BYTES = 1_000_000  # a sample is text to read; longer ones are a mistake
+
+
+class FrameOutput:
+    """Where a sample's frames go as they are made: the text itself on stdout (``stream``),
+    or a progress bar on stderr while it must be judged before it is shown."""
+
+    def __init__(self, encoder, prompt: str, n_bytes: int, stream: bool):
+        import codecs
+
+        self.encoder, self.prompt, self.n_bytes, self.stream = encoder, prompt, n_bytes, stream
+        self.streamed = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.bar = self.task = None
+
+    def __enter__(self) -> "FrameOutput":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        if self.stream:
+            out.file.write(self.prompt)
+            self.streamed = True
+        elif self.n_bytes >= 100:  # a progress bar for what takes more than a moment
+            self.bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("bytes"), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("sampling", total=self.n_bytes)
+        return self
+
+    def frame(self, bits) -> None:
+        if self.stream:
+            byte = self.encoder.decode(bits.cpu(), repair=True)
+            out.file.write(self.decoder.decode(byte))
+            out.file.flush()
+        elif self.bar is not None:
+            self.bar.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.stream:
+            out.file.write(self.decoder.decode(b"", final=True) + "\n")
+            out.file.flush()
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def eval_(
@@ -22,7 +66,7 @@ def eval_(
                                               "gives every byte more context and costs more."),
     as_json: bool = typer.Option(False, "--json", help='Print {"bits_per_byte": ..., '
                                  '"bytes": ...}.'),
-    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
 ) -> None:
     """Bits per byte of a run's model on any text file, scored with a sliding window."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -53,8 +97,10 @@ def eval_(
 def sample(
     run_dir: Path = typer.Argument(..., help="Run folder written by `bitlm run`."),
     prompt: str = typer.Option("", "--prompt", help="Text the sample continues."),
-    n_bytes: int = typer.Option(200, "--bytes", min=0, help="Bytes to generate."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    n_bytes: int = typer.Option(200, "--bytes", min=0, max=MAX_SAMPLE_BYTES,
+                                help="Bytes to generate (printed as they are made, unless a "
+                                     "safety gate must judge them first)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Random seed."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
                                                 help="Sampling temperature (0 is greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
@@ -71,7 +117,7 @@ def sample(
     fallback: Optional[List[str]] = typer.Option(None, "--fallback",
                                                  help="Sampler to retry with after a blocked "
                                                       "attempt (repeatable), e.g. diffusion."),
-    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
 ) -> None:
     """Generate text from a run's model; every byte is parity-valid."""
     from bitlm_core.app.generate import SafetyWarning, safe_sample_with_retry
@@ -80,6 +126,10 @@ def sample(
     from bitlm_core.engine.runtime import set_threads
     from bitlm_core.registry import get_registry
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the terminal that are not UTF-8
+        raise DataError("--prompt is not valid UTF-8 text; give it as UTF-8") from None
     set_threads(threads)
     loaded = load_run(run_dir)
     overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p),
@@ -105,13 +155,17 @@ def sample(
         for name in registry.names("telemetry"):  # the metrics a gate may need
             telemetry.setdefault(name, registry.build("telemetry", name))
     strict = loaded.spec.safety.strict if strict is None else strict
-    with warnings.catch_warnings():  # a blocked sample is reported once, below
-        warnings.simplefilter("ignore", SafetyWarning)
+    judged = gate is not None or loaded.spec.safety.gate.name != "none" or max_retries > 0
+    with warnings.catch_warnings(), FrameOutput(comps.encoder, prompt, n_bytes,
+                                                stream=not judged) as show:
+        warnings.simplefilter("ignore", SafetyWarning)  # a blocked sample is reported below
         tried = safe_sample_with_retry(
             loaded.model, comps.encoder, samplers, prompt, n_bytes, gate=the_gate,
             telemetry=telemetry, seed=seed, max_retries=max_retries, strict=strict,
-            log=(lambda m: err.print(m, markup=False)) if max_retries else None)
-    out.print(tried.result.text, markup=False)
+            log=(lambda m: err.print(m, markup=False)) if max_retries else None,
+            on_frame=show.frame)
+    if not show.streamed:
+        print_text(tried.result.text)
     if not tried.allowed:
         err.print("[yellow]warning:[/] safety gate flagged this sample: "
                   + "; ".join(tried.result.decision.reasons), markup=True)

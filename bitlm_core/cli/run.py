@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from bitlm_core.cli.errors import err, out
+from bitlm_core.cli.errors import err, out, print_text
 
 OverrideOpt = typer.Option(None, "--override", "-o", metavar="KEY=VALUE",
                            help="Override a spec value by dotted path, e.g. -o train.steps=200. "
@@ -52,7 +52,7 @@ def run(
               f"({summary['held_out_bytes']:,} bytes, {summary['steps']} steps)")
     for i, text in enumerate(summary["samples"]):
         out.print(f"--- sample {i} ---")
-        out.print(text, markup=False)
+        print_text(text)
     if summary.get("sample_words_in_training_text") is not None:
         out.print(f"sampled words found in the training text: "
                   f"{summary['sample_words_in_training_text']:.0%}")
@@ -63,16 +63,21 @@ def validate(
     spec: Path = typer.Argument(..., help="Run spec (YAML) to check."),
     override: Optional[List[str]] = OverrideOpt,
 ) -> None:
-    """Check a spec: keys, types, component names and their options. Builds no tensors."""
-    from bitlm_core.components import resolve_spec
+    """Check a spec: keys, types, component names and options, and that every component
+    builds and fits the others (as `bitlm run` would). Builds no model and no tensors."""
+    from bitlm_core.app.build import check_memory
+    from bitlm_core.app.run import build_callbacks
+    from bitlm_core.components import Components
     from bitlm_core.spec import load_spec
 
     run_spec = load_spec(spec, override or [])
-    resolved = resolve_spec(run_spec)
+    comps = Components.build(run_spec)
+    build_callbacks(comps)
+    check_memory(comps.spec, comps)
     table = Table(title=f"{spec} is valid", show_lines=False)
     for col in ("slot", "component", "from", "options"):
         table.add_column(col)
-    for path, res in resolved.items():
+    for path, res in comps.resolved.items():
         table.add_row(path, res.record.name, res.record.plugin or "",
                       json.dumps(res.options) if res.options else "")
     out.print(table)

@@ -17,17 +17,29 @@ import numpy as np
 from bitlm_core.errors import DataError
 
 
-def check_text(data: bytes, source: str, require_utf8: bool = True) -> None:
-    if not data:
+UTF8_CHUNK = 1 << 22  # bytes decoded at a time when checking UTF-8: memory stays flat
+
+
+def check_text(data, source: str, require_utf8: bool = True) -> None:
+    """``data`` (bytes, or a memory-mapped array of them) is not empty and, unless told
+    otherwise, valid UTF-8, or a DataError naming the first bad byte. Checked a few MB at a
+    time, so a file of any size can be checked in bounded memory."""
+    import codecs
+
+    if not len(data):
         raise DataError(f"{source} is empty: give a corpus with some text in it")
-    if require_utf8:
+    if not require_utf8:
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for begin in range(0, len(data), UTF8_CHUNK):
+        chunk = bytes(data[begin: begin + UTF8_CHUNK])
         try:
-            data.decode("utf-8")
+            decoder.decode(chunk, final=begin + UTF8_CHUNK >= len(data))
         except UnicodeDecodeError as exc:
+            at = max(0, begin + exc.start - len(decoder.getstate()[0]))
             raise DataError(
-                f"{source} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 4]!r}"
-                f"); convert it to UTF-8, or set data.require_utf8: false to model raw bytes"
-            ) from None
+                f"{source} is not valid UTF-8 (byte {at}: {bytes(data[at:at + 4])!r}); convert "
+                "it to UTF-8, or set data.require_utf8: false to model raw bytes") from None
 
 
 class BitStore:

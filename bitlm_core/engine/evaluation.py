@@ -1,10 +1,12 @@
 """Scoring a model: bits per byte on held-out windows, and on texts longer than its context.
 
 Scoring a long text in non-overlapping windows makes the first bytes of every window pay for
-having no context, so the figure depends on where the cuts fall. :func:`score_sliding` moves
+having no context, so the figure depends on where the cuts fall. :func:`score_windows` moves
 a window of ``window`` frames by ``stride`` frames and scores each frame exactly once, in the
 window that gives it at least ``window - stride`` frames of context (the first window scores
-all of its frames). Memory is bounded by ``batch_size`` windows whatever the text length.
+all of its frames). It reads the text a batch of windows at a time, so memory is bounded by
+``batch_size`` windows whatever the text length (:func:`score_sliding` is the same on a tensor
+of bits).
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ def window_plan(n_frames: int, window: int, stride: int) -> list[tuple[int, int]
     return plan
 
 
-@torch.no_grad()
 def score_sliding(model, bits, frame_bits: int, window: int, stride: int,
                   batch_size: int = 16,
                   progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, int]:
@@ -67,14 +68,27 @@ def score_sliding(model, bits, frame_bits: int, window: int, stride: int,
     n = bits.numel() // frame_bits
     if n * frame_bits != bits.numel() or bits.dim() != 1:
         raise BitlmError("score_sliding takes a 1-D tensor of whole frames")
-    frames = bits.view(n, frame_bits)
+    return score_windows(model, lambda b, k: bits[b * frame_bits:(b + k) * frame_bits], n,
+                         frame_bits, window, stride, batch_size, progress)
+
+
+@torch.no_grad()
+def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int,
+                  frame_bits: int, window: int, stride: int, batch_size: int = 16,
+                  progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, int]:
+    """(bits per byte, bytes) of a causal model on a text of ``n_frames`` frames that
+    ``read(begin, n)`` gives ``n`` at a time (a 1-D tensor of ``n * frame_bits`` bits).
+
+    Only the windows of one batch are ever held, so a text of any length is scored in memory
+    bounded by ``batch_size`` windows."""
+    n = n_frames
     window = min(window, n)
     plan = window_plan(n, window, min(stride, window))
     total_nats = 0.0
     with eval_mode(model):
         for i in range(0, len(plan), batch_size):
             chunk = plan[i: i + batch_size]
-            rows = torch.stack([frames[b: b + window].reshape(-1) for b, _ in chunk])
+            rows = torch.stack([read(b, window) for b, _ in chunk])
             logits = model(rows, causal=True).float()
             nll = F.cross_entropy(logits.reshape(-1, 2), rows.reshape(-1).long(),
                                   reduction="none").view(len(chunk), window, frame_bits)

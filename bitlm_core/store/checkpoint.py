@@ -96,12 +96,32 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
     ``weights`` replaces the model's own state dict (a quantized run saves int8 tensors);
     ``weights_metadata`` goes into the safetensors header (strings only).
     """
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
+    try:
+        return _save(root, name, tmp, model, optimizer, meta, keep, weights, weights_metadata,
+                     step)
+    except (OSError, SafetensorError) as exc:  # a full disk, a folder gone read-only...
+        try:
+            remove_step_folder(tmp)
+        except OSError:
+            pass
+        previous = latest_checkpoint(Path(run_dir))
+        kept = f"; {previous.name} is intact" if previous is not None else ""
+        raise CheckpointError(f"cannot write the checkpoint of step {step} in {root}: "
+                              f"{getattr(exc, 'strerror', None) or exc}{kept}. Free some "
+                              "space and run again to resume") from None
+
+
+def _save(root: Path, name: str, tmp: Path, model, optimizer, meta, keep, weights,
+          weights_metadata, step) -> Path:
+    from safetensors.torch import save_file
+
+    run_dir = root.parent
+    root.mkdir(parents=True, exist_ok=True)
     remove_step_folder(tmp)
     tmp.mkdir(exist_ok=True)
     if weights is None:
@@ -272,6 +292,18 @@ def read_state(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"{ckpt / 'state.json'} has a {key} of the wrong type; the "
                                   "file is damaged")
     return state
+
+
+def weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a checkpoint's weights, read from the safetensors header (no
+    tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
 
 
 def load_weights(ckpt: Path, model) -> None:
