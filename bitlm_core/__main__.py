@@ -1,5 +1,5 @@
 """``python -m bitlm_core``: the ``bitlm`` command (what torchrun runs with ``-m bitlm_core``)."""
 
-from bitlm_core.cli.app import main
+from bitlm_core.cli.root import main
 
 main()

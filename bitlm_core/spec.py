@@ -355,6 +355,8 @@ def load_spec(path: str | Path | None = None, overrides=()) -> RunSpec:
         raw, source = quickstart_dict(), "the quickstart spec"
     else:
         raw, source = read_yaml(path), str(path)
+    if overrides:
+        source += f" with {shown(' '.join('-o ' + o for o in overrides))}"
     return validate_spec(apply_overrides(raw, list(overrides)), source)
 
 

@@ -449,6 +449,14 @@ def test_unknown_name_error_mentions_the_broken_plugin(broken_plugin_env, tiny_s
     assert "available compressors" in msg and "identity" in msg
 
 
+def test_an_unknown_command_mentions_the_plugins_that_failed(broken_plugin_env):
+    unknown, helped = cli_parallel(["hello", "moon"], ["--help"], env=broken_plugin_env)
+    assert unknown.returncode == 2
+    assert "No such command 'hello'" in unknown.stderr
+    assert "plugins that failed to load (one may provide it): fakebroken" in unknown.stderr
+    assert helped.returncode == 0 and "1 plugin(s) failed to load (fakebroken)" in helped.stderr
+
+
 def test_run_works_with_a_broken_plugin_installed(broken_plugin_env, tiny_spec, tmp_path):
     proc = cli("run", tiny_spec(steps=2), "--out", tmp_path / "run", env=broken_plugin_env,
                cwd=tmp_path)
@@ -603,7 +611,6 @@ def test_sample_is_seeded_and_continues_the_prompt(trained, tmp_path):
     assert_user_error(no_run, "not a bitlm run folder")
 
 
-@pytest.mark.needs("safety:kcs", "objective:diffusion", "sampler:diffusion")
 def test_sample_text_is_printed_as_generated_whatever_the_terminal_width(trained):
     args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "150", "--seed", "4"]
     narrow, wide, judged = cli_parallel(args, args, [*args, "--gate", "none"],
@@ -617,6 +624,7 @@ def test_sample_text_is_printed_as_generated_whatever_the_terminal_width(trained
     assert too_many.returncode == 2 and "--bytes" in too_many.stderr
 
 
+@pytest.mark.needs("safety:kcs", "objective:diffusion", "sampler:diffusion")
 def test_sample_with_a_gate_retries_and_reports(trained):
     args = ["sample", trained.run_dir, "--prompt", "the ", "--bytes", "30"]
     gated, bad_gate, bad_fallback = cli_parallel(
@@ -742,7 +750,7 @@ def shout(word: str = typer.Argument(...)) -> None:
 
 @hookimpl
 def bitlm_commands():
-    yield CommandSpec("hello", lambda: group, "unused: the group has its own help")
+    yield CommandSpec("hello", lambda: group, "greetings, from the record")
     yield CommandSpec("shout", lambda: shout, "print a word in capitals")
 """
 
@@ -782,7 +790,7 @@ def test_a_plugin_adds_commands_that_help_lists_and_errors_report(tmp_path):
         ["--help"], ["hello", "greet", "--name", "Emma"], ["shout", "quiet"],
         ["hello", "refuse"], ["plugins", "list", "--json"], env=env)
     assert helped.returncode == 0, helped.stderr
-    assert re.search(r"hello\s+Greetings from a plugin", helped.stdout), helped.stdout
+    assert re.search(r"hello\s+greetings, from the record", helped.stdout), helped.stdout
     assert re.search(r"shout\s+print a word in capitals", helped.stdout), helped.stdout
     assert greeted.returncode == 0 and greeted.stdout == "hello, Emma\n", greeted.stderr
     assert shouted.returncode == 0 and shouted.stdout == "QUIET\n", shouted.stderr

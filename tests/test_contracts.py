@@ -114,3 +114,50 @@ def test_a_run_refuses_a_metric_that_breaks_its_contract_before_training(tmp_pat
         Components.build(spec, registry)
     assert issubclass(PluginError, BitlmError)
     assert tiny_model().cfg.layout == "framed"
+
+
+class NoMagic:
+    name = "nomagic"
+
+    def compress(self, bits):
+        return bytes(bits.tolist())
+
+    def decompress(self, data, max_bits=1 << 20):
+        return torch.tensor(list(data), dtype=torch.uint8)
+
+
+class Bomb(NoMagic):
+    """Stores a run of zeros as its length, and ignores max_bits when it decodes."""
+
+    name, magic = "bomb", b"BOMB"
+
+    def compress(self, bits):
+        from bitlm_core.bits import check_bits
+
+        bits = check_bits(bits)
+        if bits.numel() and not bits.any():
+            return self.magic + b"Z" + bits.numel().to_bytes(8, "little")
+        return self.magic + b"B" + bytes(bits.tolist())
+
+    def decompress(self, data, max_bits=1 << 20):
+        from bitlm_core.errors import CodecError
+
+        if data[:4] != self.magic or data[4:5] not in (b"Z", b"B"):
+            raise CodecError("not a bomb stream")
+        if data[4:5] == b"Z":
+            if len(data) != 13:
+                raise CodecError("bad length")
+            return torch.zeros(int.from_bytes(data[5:], "little"), dtype=torch.uint8)
+        out = torch.tensor(list(data[5:]), dtype=torch.uint8)
+        if out.numel() > max_bits or (out.numel() and int(out.max()) > 1):
+            raise CodecError("bad stream")
+        return out
+
+
+def test_the_codec_contract_names_what_is_missing_and_catches_a_bomb():
+    from bitlm_core.testing import check_codec_contract, check_hostile_streams
+
+    with pytest.raises(AssertionError, match="it has no magic"):
+        check_codec_contract(NoMagic())
+    with pytest.raises(AssertionError, match="decompression bomb"):
+        check_hostile_streams(Bomb(), samples=[], random_streams=0)

@@ -2,6 +2,8 @@ import gzip
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bitlm_core.builtins.corpora import FileCorpus, QuickstartCorpus
 from bitlm_core.builtins.encoders import Parity9Encoder
@@ -55,3 +57,31 @@ def test_windows_are_frame_aligned_and_match_the_text(tmp_path):
     val = next(ds.val_batches(4))
     n_val = len(text) - int(len(text) * 0.9)
     assert enc.decode(val[0]) == text[-n_val:][:16]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(data=st.binary(max_size=64), chunk=st.integers(1, 9))
+def test_utf8_is_checked_in_chunks_exactly_as_python_decodes(data, chunk):
+    import re
+
+    from bitlm_core.engine import dataset
+    from bitlm_core.errors import DataError
+
+    saved = dataset.UTF8_CHUNK
+    dataset.UTF8_CHUNK = chunk
+    try:
+        try:
+            data.decode("utf-8")
+            expected = None
+        except UnicodeDecodeError as exc:
+            expected = exc.start
+        if not data:
+            return
+        try:
+            dataset.check_text(data, "t")
+            got = None
+        except DataError as exc:
+            got = int(re.search(r"byte (\d+)", str(exc)).group(1))
+        assert got == expected
+    finally:
+        dataset.UTF8_CHUNK = saved

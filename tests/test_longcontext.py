@@ -169,3 +169,35 @@ def test_a_diffusion_run_is_scored_in_windows_and_refuses_a_stride(tmp_path, tin
     assert result["is_bound"] and result["stride"] == result["window"] == 16
     with pytest.raises(DataError, match="--stride applies to causal models"):
         evaluate_bytes(run, TEXT, "text", stride=4)
+
+
+def test_eval_reads_its_text_a_batch_of_windows_at_a_time(tmp_path, tiny_spec, monkeypatch):
+    """A text is never held whole: every slice read of it is at most one window (or one chunk
+    of the UTF-8 check), whatever its length."""
+    from bitlm_core.app.evaluate import evaluate_bytes
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
+    from bitlm_core.engine import dataset
+    from bitlm_core.spec import load_spec
+
+    execute(load_spec(tiny_spec(steps=1)), tmp_path / "r", log=lambda m: None)
+    run = load_run(tmp_path / "r")
+
+    class Watched:
+        def __init__(self, data: bytes):
+            self.data, self.largest, self.reads = data, 0, 0
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, key):
+            part = self.data[key]
+            self.largest, self.reads = max(self.largest, len(part)), self.reads + 1
+            return part
+
+    monkeypatch.setattr(dataset, "UTF8_CHUNK", 64)  # the check, too, reads a piece at a time
+    text = Watched(b"the cat sat on the mat. " * 400)
+    whole = evaluate_bytes(run, text.data, "text")
+    assert evaluate_bytes(run, text, "text") == whole  # the same figure, read in pieces
+    assert text.largest <= 64 and run.model.cfg.max_frames <= 64
+    assert text.reads > len(text) // run.model.cfg.max_frames  # one read per window

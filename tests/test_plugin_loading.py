@@ -273,6 +273,7 @@ def test_same_component_name_from_two_plugins_names_both(site, uid):
     assert f"twin_a_{uid}" in msg and f"twin_b_{uid}" in msg
     assert "fakeplug-a" in msg and "fakeplug-b" in msg
     assert DISABLE_ENV in msg  # tells the user how to get out of it
+    assert f"{DISABLE_ENV}=twin_b_{uid}" in msg  # by disabling the newcomer, not the first
 
 
 def test_plugin_reusing_a_builtin_name_names_core(site, uid):

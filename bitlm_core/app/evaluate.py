@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,12 +13,36 @@ from bitlm_core.errors import DataError
 MAX_PIPED_BYTES = 256 << 20  # what is read from a pipe or device (files are memory-mapped)
 
 
-def read_text_file(path: Path):
-    """The bytes of a text file, memory-mapped (read as needed, never all held at once), or
-    for a pipe or device (``/dev/stdin``, a shell's ``<(...)``) read up to
-    :data:`MAX_PIPED_BYTES`."""
-    import numpy as np
+class TextFile:
+    """A file's bytes, read a slice at a time (``os.pread``) when sliced: a text of any size
+    is scored in memory that does not grow with it."""
 
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self.size)
+        parts, at = [], start
+        while at < stop:
+            part = os.pread(self.fd, stop - at, at)
+            if not part:  # the file shrank under us
+                break
+            parts.append(part)
+            at += len(part)
+        return b"".join(parts)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+def read_text_file(path: Path):
+    """A text file as a :class:`TextFile` (read as needed, never all held at once), or for a
+    pipe or device (``/dev/stdin``, a shell's ``<(...)``) its bytes, up to
+    :data:`MAX_PIPED_BYTES`."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; give a text file")
@@ -25,7 +50,7 @@ def read_text_file(path: Path):
         raise DataError(f"text file not found: {path}")
     try:
         if path.is_file():
-            return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else b""
+            return TextFile(path)
         with open(path, "rb") as f:
             data = f.read(MAX_PIPED_BYTES + 1)
     except OSError as exc:
@@ -40,7 +65,7 @@ def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
                    stride: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Bits per byte of ``run``'s model on any text, however long: ``data`` is bytes or a
-    memory-mapped array of them (:func:`read_text_file`), encoded a batch of windows at a time,
+    :class:`TextFile` (:func:`read_text_file`), read and encoded a batch of windows at a time,
     so memory does not grow with the text.
 
     A causal model scores the text with a sliding window of its context (``data.seq_len``

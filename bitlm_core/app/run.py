@@ -122,12 +122,9 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
 def finish_run(trainer: Trainer, state: TrainState, comps: Components,
                train_text: bytes) -> dict[str, Any]:
     """Score the whole held-out split, write samples and the summary; return the summary."""
-    spec, model, log = comps.spec, trainer.model, trainer.log
+    spec, model = comps.spec, trainer.model
     final = evaluate(model, comps.objective, trainer.dataset, spec.train.batch_size)
     trainer.write_metrics({"split": "val", "step": state.step, "final": True, **final})
-    label = "bound on " if final["bound"] else ""
-    log(f"held-out {label}bits per byte: {final['bits_per_byte']:.4f} over {final['bytes']:,} "
-        f"bytes")
     samples = [generate(model, comps.encoder, comps.sampler, spec.sample.prompt,
                         spec.sample.bytes, seed=spec.sample.seed + i, gate=comps.gate,
                         telemetry=comps.telemetry, strict=spec.safety.strict)
@@ -136,8 +133,6 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
     shares = [word_share(s.text.encode("utf-8"), vocab) for s in samples]
     shares = [x for x in shares if x is not None]
     words_known = sum(shares) / len(shares) if shares else None
-    if words_known is not None:
-        log(f"sampled words found in the training text: {words_known:.0%}")
     write_samples(trainer.run_dir, samples, comps)
     summary = {
         "run_dir": str(trainer.run_dir), "steps": state.step,

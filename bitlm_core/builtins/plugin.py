@@ -101,6 +101,6 @@ def bitlm_callbacks():
 def bitlm_commands():
     # lazy: the command modules are imported when the CLI starts, never for `plugins list`
     yield CommandSpec("codec", "bitlm_core.cli.codec:commands",
-                      "compress, decompress and measure bit streams with the installed codecs")
+                      "Compress, decompress and measure bit streams with the installed codecs.")
     yield CommandSpec("quantize", "bitlm_core.cli.quantize:commands",
-                      "store a run's weight matrices as int8, about 4x smaller")
+                      "Store a run's weight matrices as int8, about 4x smaller.")

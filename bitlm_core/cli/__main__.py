@@ -1,5 +1,5 @@
 """``python -m bitlm_core.cli``: the ``bitlm`` command."""
 
-from bitlm_core.cli.app import main
+from bitlm_core.cli.root import main
 
 main()

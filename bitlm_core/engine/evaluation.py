@@ -11,8 +11,9 @@ of bits).
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,26 @@ def evaluate(model, objective, dataset, batch_size: int,
 def window_plan(n_frames: int, window: int, stride: int) -> list[tuple[int, int]]:
     """``(begin, first_scored)`` per window: frames ``[begin, begin + window)`` are fed, frames
     ``[first_scored, begin + window)`` are scored. Every frame is scored exactly once."""
+    return list(iter_windows(n_frames, window, stride))
+
+
+def iter_windows(n_frames: int, window: int, stride: int) -> Iterator[tuple[int, int]]:
+    """:func:`window_plan`, one window at a time (a long text's plan is never held)."""
     if window < 1 or not 1 <= stride <= window:
         raise BitlmError(f"sliding window needs 1 <= stride <= window, got window={window}, "
                          f"stride={stride}")
     if n_frames <= window:
-        return [(0, 0)]
-    begins = list(range(0, n_frames - window, stride)) + [n_frames - window]
-    plan, scored_to = [], 0
-    for b in begins:
-        plan.append((b, scored_to))
+        yield (0, 0)
+        return
+    scored_to = 0
+    for b in range(0, n_frames - window, stride):
+        yield (b, scored_to)
         scored_to = b + window
-    return plan
+    yield (n_frames - window, scored_to)
+
+
+def count_windows(n_frames: int, window: int, stride: int) -> int:
+    return 1 if n_frames <= window else -(-(n_frames - window) // stride) + 1
 
 
 def score_sliding(model, bits, frame_bits: int, window: int, stride: int,
@@ -83,11 +93,12 @@ def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int
     bounded by ``batch_size`` windows."""
     n = n_frames
     window = min(window, n)
-    plan = window_plan(n, window, min(stride, window))
+    stride = min(stride, window)
+    plan, total = iter_windows(n, window, stride), count_windows(n, window, stride)
     total_nats = 0.0
     with eval_mode(model):
-        for i in range(0, len(plan), batch_size):
-            chunk = plan[i: i + batch_size]
+        for i in range(0, total, batch_size):
+            chunk = list(itertools.islice(plan, batch_size))
             rows = torch.stack([read(b, window) for b, _ in chunk])
             logits = model(rows, causal=True).float()
             nll = F.cross_entropy(logits.reshape(-1, 2), rows.reshape(-1).long(),
@@ -96,5 +107,5 @@ def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int
             for row, (b, first) in enumerate(chunk):
                 total_nats += float(per_frame[row, first - b:].sum())
             if progress is not None:
-                progress(min(i + batch_size, len(plan)), len(plan))
+                progress(min(i + batch_size, total), total)
     return total_nats / LN2 / n, n

@@ -22,12 +22,50 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+try:  # Typer 0.20+ ships its own copy of click, with its own exceptions
+    from typer._click.exceptions import UsageError  # noqa: E402
+except ImportError:  # pragma: no cover - older Typer
+    from click.exceptions import UsageError  # noqa: E402
 
 from bitlm_core.cli import inference, plugins, run  # noqa: E402
-from bitlm_core.cli.errors import _state, guard, out, show_plugin_warning  # noqa: E402
+from bitlm_core.cli.errors import _state, err, guard, out, show_plugin_warning  # noqa: E402
 from bitlm_core.errors import PluginError  # noqa: E402
 
+def failed_plugins() -> list:
+    """The plugins that failed to load (as far as the CLI's start-up saw)."""
+    from bitlm_core import plugins
+
+    manager = plugins._MANAGER
+    return [i for i in manager.infos.values() if i.status == "failed"] if manager else []
+
+
+class BitlmGroup(TyperGroup):
+    """The root command group: an unknown command, or ``--help``, mentions the plugins that
+    failed to load (one of them may have provided the command)."""
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            failed = failed_plugins()
+            if failed and args:
+                exc.message += ("\nplugins that failed to load (one may provide it): "
+                                + "; ".join(f"{i.name}: {i.error}" for i in failed))
+            raise
+
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)
+        failed = failed_plugins()
+        if failed:
+            names = ", ".join(i.name for i in failed)
+            err.print(f"[yellow]warning:[/] {len(failed)} plugin(s) failed to load ({names}): "
+                      "`bitlm plugins list` says why", markup=True)
+
+
 app = typer.Typer(
+    cls=BitlmGroup,
     name="bitlm",
     help="Train, evaluate and sample bit-native transformer language models.\n\n"
          "`bitlm run` with no spec trains the embedded quickstart.",
@@ -85,7 +123,8 @@ def command_from(record, made: Any) -> typer.Typer:
         return made
     if callable(made):
         single = typer.Typer()
-        single.command(name=record.name, help=None if made.__doc__ else record.description)(made)
+        single.command(name=record.name, short_help=record.description,
+                       help=None if made.__doc__ else record.description)(made)
         return single
     raise TypeError(f"its factory returned {type(made).__name__}; return a typer.Typer (a "
                     "command group) or a function (one command)")
@@ -125,9 +164,10 @@ def add_plugin_commands(typer_app: typer.Typer) -> None:
                 registry.fail(plugin, f"command '{record.name}': {describe_exception(exc)}")
             continue
         for record, made, command in built:
-            if command is made:  # a group
+            if command is made:  # a group: its line in `bitlm --help` is the record's
                 help_text = {} if command.info.help else {"help": record.description}
-                typer_app.add_typer(command, name=record.name, **help_text)
+                typer_app.add_typer(command, name=record.name, short_help=record.description,
+                                    **help_text)
             else:
                 typer_app.registered_commands.extend(command.registered_commands)
 
