@@ -152,7 +152,9 @@ def cli(args, **kw):
 
 def interrupt_and_resume(spec: Path, run_dir: Path, signals: list[int], delay: float):
     """Start a run, wait until it trains, send ``signals`` after ``delay`` seconds (20 ms
-    apart), then run the same command again; returns (first exit, its stderr, second exit)."""
+    apart), then run the same command again; returns (the first run's exit status, its stderr,
+    whether it had finished: a signal after the command's end kills the exiting process, as
+    for any program)."""
     first = cli(["run", spec, "--out", run_dir, "-q"], cwd=run_dir.parent)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -164,10 +166,11 @@ def interrupt_and_resume(spec: Path, run_dir: Path, signals: list[int], delay: f
             first.send_signal(signum)
         time.sleep(0.02)
     _, err = first.communicate(timeout=120)
+    finished = (run_dir / "summary.json").is_file()
     second = cli(["run", spec, "--out", run_dir, "-q"], cwd=run_dir.parent)
     _, err2 = second.communicate(timeout=120)
     assert second.returncode == 0, err2
-    return first.returncode, err
+    return first.returncode, err, finished
 
 
 def test_signals_at_random_moments_always_leave_a_run_that_resumes_exactly(tmp_path, tiny_spec):
@@ -189,14 +192,15 @@ def test_signals_at_random_moments_always_leave_a_run_that_resumes_exactly(tmp_p
         t.start()
     for t in threads:
         t.join()
-    interrupted = sum(results[i][0] != 0 for i in range(len(trials)))
+    interrupted = sum(not results[i][2] for i in range(len(trials)))
     assert interrupted >= 3, f"only {interrupted} of {len(trials)} runs were interrupted: {results}"
     for i, (signals, code) in enumerate(trials):
-        first_code, err, delay = results[i]
+        first_code, err, finished, delay = results[i]
         where = f"trial {i} ({[signal.Signals(s).name for s in signals]} after {delay:.3f} s)"
         assert "Traceback" not in err, f"{where}:\n{err}"
-        if first_code == 0:  # the run ended before the signal: nothing to check but the end
+        assert same(final_weights(tmp_path / f"r{i}"), expected), where
+        if finished:  # it ended before the signal (or the signal ended the exiting process)
+            assert first_code in (0, -signals[0]), f"{where}: exit {first_code}\n{err}"
             continue
         assert first_code == code, f"{where}: exit {first_code}\n{err}"
         assert "interrupted: stopped" in err, f"{where}:\n{err}"
-        assert same(final_weights(tmp_path / f"r{i}"), expected), where

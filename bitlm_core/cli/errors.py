@@ -71,7 +71,10 @@ def guard(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def guarded(*args, **kwargs):
-        with user_errors():
+        from bitlm_core.engine.runtime import signals_as_interrupts
+
+        # outermost: a second Ctrl-C while the first is reported is ignored, not a silent exit
+        with signals_as_interrupts(exiting_after_stop=True), user_errors():
             return command(*args, **kwargs)
 
     guarded.__bitlm_guarded__ = True

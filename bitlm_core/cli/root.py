@@ -177,4 +177,9 @@ guard_all(app)
 
 
 def main() -> None:
-    app()
+    from bitlm_core.engine.runtime import ignore_stop_signals
+
+    try:
+        app()
+    finally:  # the command is done: a late Ctrl-C must not break the exit
+        ignore_stop_signals()

@@ -47,23 +47,45 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+_stopping = {"now": False}  # a stop signal was acted on: later ones are ignored while unwinding
+
+
+def ignore_stop_signals() -> None:
+    """From now on SIGINT and SIGTERM do nothing: for a process that is about to exit (after a
+    stop, or once its command is done), so that a late signal cannot turn a clean exit into a
+    death by signal in the middle of its last messages."""
+    if _in_main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
-def signals_as_interrupts() -> Iterator[None]:
+def signals_as_interrupts(exiting_after_stop: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` inside the block (SIGTERM would otherwise
-    end the process at once, with no cleanup); the previous handlers come back after."""
+    end the process at once, with no cleanup), once: a second signal while the first is being
+    acted on (a checkpoint saved, the message printed) is ignored, so it cannot cut either
+    short. The previous handlers come back after, unless ``exiting_after_stop`` and a stop
+    happened: then signals stay ignored (the CLI runs every command so, and exits next)."""
     if not _in_main_thread():
         yield
         return
 
     def interrupt(signum, frame):
+        if _stopping["now"]:
+            return
+        _stopping["now"] = True
         raise Interrupted(signum, f"stopped by {signal_name(signum)}")
 
+    _stopping["now"] = False  # a new command or run (a nested block starts before any stop)
     previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if exiting_after_stop and _stopping["now"]:
+            ignore_stop_signals()
+        else:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 class StepBoundary:
@@ -82,6 +104,7 @@ class StepBoundary:
         name = signal_name(signum)
         if self.received is None:
             self.received = signum
+            _stopping["now"] = True  # the handlers outside this block ignore later signals
             self.log(f"{name}: stopping after this step, with a checkpoint")
         else:
             self.log(f"{name} again: still saving the checkpoint; bitlm stops as soon as it is "

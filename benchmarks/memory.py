@@ -1,0 +1,117 @@
+"""Memory: the training-step estimate that `bitlm run` checks against, and `bitlm eval` on texts
+of growing size.
+
+Table 1: for the quickstart model (framed and flat), bitlm's estimate of a training step's
+memory (``bitlm_core.app.build.training_memory``) against what a few training steps really
+added to a process: peak resident memory of the steps minus the same process's peak before
+them. The ratio is estimate over measurement: the check refuses specs by it, so it should be
+near 1 and not far below.
+
+Table 2: peak resident memory of ``bitlm eval`` (a fresh process each) on texts of 1x, 2x and
+4x a base size, with a tiny run; the baseline is the 1x text. Flat means memory does not grow
+with the text.
+
+    python benchmarks/memory.py [--steps 3] [--text-mb 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STEP_CHILD = r"""
+import json, resource, sys, torch
+from bitlm_core.app.build import build_model, training_memory
+from bitlm_core.app.run import load_dataset
+from bitlm_core.components import Components
+from bitlm_core.engine.trainer import Trainer, TrainState
+from bitlm_core.spec import load_spec
+layout, steps, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+spec = load_spec(None, [f"model.layout={layout}", "train.threads=1", "telemetry.metrics=[]"])
+comps = Components.build(spec)
+model = build_model(spec, comps)
+dataset, _ = load_dataset(spec, comps, __import__("pathlib").Path(folder))
+trainer = Trainer(spec, model, comps.objective, dataset, folder, lambda s: {})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+state = TrainState()
+for _ in range(steps):
+    trainer.step(state)
+    state.step += 1
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"estimate": sum(training_memory(spec, comps).values()),
+                  "added": after - before}))
+"""
+
+
+def training_table(steps: int) -> None:
+    print("| layout | estimate | added by training | estimate / added |")
+    print("|---|---:|---:|---:|")
+    for layout in ("framed", "flat"):
+        with tempfile.TemporaryDirectory() as folder:
+            out = subprocess.run([sys.executable, "-c", STEP_CHILD, layout, str(steps), folder],
+                                 capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {layout} | {r['estimate'] / 2**20:,.0f} MiB | {r['added'] / 2**20:,.0f} MiB "
+              f"| {r['estimate'] / r['added']:.2f} |")
+
+
+def peak_of(args: list[str], cwd: Path) -> int:
+    """Peak resident memory (bytes) of a `bitlm` command run in its own process."""
+    code = ("import resource, runpy, sys; sys.argv = ['bitlm'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('bitlm_core.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=cwd, check=True)
+    return int(next(line for line in out.stdout.splitlines() if line.startswith("PEAK"))
+               .split()[1])
+
+
+def eval_table(text_mb: float) -> None:
+    import random
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        words = "the cat sat on the mat and the dog sat on the log".split()
+        rng = random.Random(0)
+        base = " ".join(rng.choice(words) for _ in range(int(text_mb * 2**20 / 4)))
+        (root / "corpus.txt").write_text(base[:200_000])
+        spec = {"name": "m", "data": {"corpus": {"name": "file", "options": {
+            "path": "corpus.txt"}}, "seq_len": 32}, "model": {"d_model": 32, "n_layers": 1,
+            "n_heads": 2}, "train": {"steps": 2, "batch_size": 4, "eval_every": 2},
+            "sample": {"bytes": 4}}
+        (root / "spec.json").write_text(json.dumps(spec))
+        subprocess.run([sys.executable, "-m", "bitlm_core.cli", "run", "spec.json", "--out",
+                        "run", "-q"], cwd=root, check=True, capture_output=True)
+        sizes = {}
+        for factor in (1, 2, 4):
+            (root / f"text{factor}.txt").write_text(base * factor)
+            sizes[factor] = peak_of(["eval", "run", "--text", f"text{factor}.txt", "--stride",
+                                     "32"], root)
+    print("| text | peak memory of `bitlm eval` | vs 1x |")
+    print("|---:|---:|---:|")
+    for factor, peak in sizes.items():
+        print(f"| {factor * text_mb:g} MB | {peak / 2**20:,.0f} MiB | "
+              f"{peak / sizes[1]:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="training steps measured")
+    parser.add_argument("--text-mb", type=float, default=1.0, help="the base text's size")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    print("Training-step memory, quickstart model, one thread:\n")
+    training_table(args.steps)
+    print("\n`bitlm eval` on texts of growing size (a tiny run, stride = context):\n")
+    eval_table(args.text_mb)
+
+
+if __name__ == "__main__":
+    main()
