@@ -57,6 +57,14 @@ class ModelSection(Strict):
     local_layers: int = Field(2, ge=0, description="framed layout, mlp: local predictor depth")
     local_dim: Optional[int] = Field(None, ge=8, description="framed layout, tree, node_mlp, "
                                                              "mlp: width; default d_model")
+    checkpointing: Literal["none", "blocks", "every_k"] = Field(
+        "none", description="recompute block activations in backward instead of keeping "
+                            "them: every block, or groups of checkpoint_k blocks")
+    checkpoint_k: int = Field(2, ge=1, description="checkpointing: every_k: blocks per "
+                                                   "recomputed group (one stored input each)")
+    reversible: bool = Field(False, description="reversible blocks: inputs rebuilt from "
+                                                "outputs in backward, activation memory "
+                                                "constant in depth")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -99,6 +107,13 @@ class TrainSection(Strict):
     log_every: int = Field(10, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0, description="stop early (and checkpoint) "
                                                                  "after this long")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$",
+                        description="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the transformer blocks' compute precision (autocast; weights, "
+                            "loss and bits per byte stay fp32)")
+    compile: Union[bool, Literal["max-autotune"]] = Field(
+        False, description="torch.compile the model for training (eager if it fails)")
 
 
 class CompressionSection(Component):

@@ -23,7 +23,10 @@ def model_config(spec: RunSpec, encoder, causal: bool = True) -> ModelConfig:
                        max_frames=spec.data.seq_len,
                        d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                        d_ff=m.d_ff or 4 * m.d_model, dropout=m.dropout,
-                       local=m.local, local_layers=m.local_layers, local_dim=m.local_dim or m.d_model)
+                       local=m.local, local_layers=m.local_layers,
+                       local_dim=m.local_dim or m.d_model,
+                       checkpointing=m.checkpointing, checkpoint_k=m.checkpoint_k,
+                       reversible=m.reversible, precision=spec.train.precision)
 
 
 def build_model(spec: RunSpec, comps: Components) -> BitTransformerLM:
@@ -32,6 +35,17 @@ def build_model(spec: RunSpec, comps: Components) -> BitTransformerLM:
 
     torch.manual_seed(spec.train.seed)
     return BitTransformerLM(model_config(spec, comps.encoder, comps.causal), comps.attention)
+
+
+def placement(spec: RunSpec, device: str | None = None, key: str = "train.device"):
+    """The torch device a run computes on: ``device`` when given (an option such as
+    ``--device``, named by ``key``), else the spec's ``train.device``; its precision is checked
+    against it. A SpecError names what this machine lacks and how to get it."""
+    from bitlm_core.engine.device import check_precision, resolve_device
+
+    where = resolve_device(device or spec.train.device, key)
+    check_precision(spec.train.precision, where)
+    return where
 
 
 def fit_to_checkpoint(model, saved: dict[str, Any], ckpt) -> None:
@@ -83,8 +97,10 @@ def training_memory(spec: RunSpec, comps: Components) -> dict[str, int]:
     micro-batch in float32, per position and layer about ``12 * d_model + 3 * d_ff`` values,
     plus ``3 * heads * T`` more for a backend that materialises attention maps
     (``supports_weights``, as ``reference``; SDPA does not), plus ``8 * 2**frame_bits`` for the
-    framed layout's local head. Measured against peak memory (the quickstart, framed and flat,
-    one thread): the estimate is 0.9-1.1x of what training added to the process.
+    framed layout's local head; with ``model.checkpointing`` or ``model.reversible``, one
+    stored tensor per recomputed group (two streams for reversible) and one group's
+    activations. Measured against peak memory (the quickstart, framed and flat, one thread;
+    BENCHMARKS.md, Memory): the estimate is 1.1-1.2x of what training added to the process.
     """
     import torch
 
@@ -92,9 +108,16 @@ def training_memory(spec: RunSpec, comps: Components) -> dict[str, int]:
     with torch.device("meta"):
         n_params = BitTransformerLM(cfg, comps.attention).num_parameters()
     B, T, C, L = spec.train.batch_size, cfg.max_positions, cfg.d_model, cfg.n_layers
-    per_position = L * (12 * C + 3 * cfg.d_ff)
+    block = 12 * C + 3 * cfg.d_ff  # what backward keeps of one block, per position
     if getattr(comps.attention, "supports_weights", True):
-        per_position += L * 3 * cfg.n_heads * T
+        block += 3 * cfg.n_heads * T
+    if cfg.reversible:  # two residual streams, and one block recomputed at a time
+        per_position = 2 * C + block
+    elif cfg.checkpointing != "none":  # each group's input, and one group recomputed
+        k = 1 if cfg.checkpointing == "blocks" else min(cfg.checkpoint_k, L)
+        per_position = -(-L // k) * C + k * block
+    else:
+        per_position = L * block
     if cfg.layout == "framed":
         per_position += 8 * 2 ** cfg.frame_bits
     return {"parameters": 16 * n_params, "activations": 4 * B * T * per_position}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint
+from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint, placement
 from bitlm_core.components import Components
 from bitlm_core.errors import CheckpointError
 from bitlm_core.spec import RunSpec
@@ -31,15 +31,18 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr) -> LoadedRun:
+def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr,
+             device: str = "auto") -> LoadedRun:
     """Rebuild a run's model from its resolved spec and newest usable checkpoint (never
-    unpickles). A damaged newer checkpoint is skipped, and ``log`` says so. The checkpoint is
-    read under the checkpoints' shared lock, so a run training in the folder meanwhile cannot
-    delete it mid-read."""
+    unpickles), on ``device`` (``auto``: cuda, else mps, else cpu; whatever the run trained
+    on: checkpoints hold CPU tensors). A damaged newer checkpoint is skipped, and ``log`` says
+    so. The checkpoint is read under the checkpoints' shared lock, so a run training in the
+    folder meanwhile cannot delete it mid-read."""
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
     comps = Components.build(spec)
     check_memory(comps.spec, comps, training=False)  # a run folder's spec.yaml is input too
+    where = placement(comps.spec, device, "--device")
     model = build_model(comps.spec, comps)
     with checkpoint_lock(run_dir, shared=True):
         ckpt = usable_checkpoint(run_dir, log)
@@ -49,5 +52,5 @@ def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr) -> Loade
         state = read_state(ckpt)
         fit_to_checkpoint(model, state, ckpt)
         load_weights(ckpt, model)
-    model.eval()
+    model.to(where).eval()
     return LoadedRun(run_dir, comps.spec, comps, model, state["step"], ckpt, state)

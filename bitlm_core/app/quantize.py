@@ -27,7 +27,8 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     what was done: tensors quantized, bytes before and after.
     """
     src, dst = Path(src), Path(dst)
-    run = load_run(src)  # checks src and that its weights fit the model its spec builds
+    # on the CPU; checks src and that its weights fit the model its spec builds
+    run = load_run(src, device="cpu")
     ckpt, state = run.checkpoint, run.state  # the one checkpoint the weights came from
     if state.get("quantized"):
         raise CheckpointError(f"{src} is already quantized; quantize the original run")

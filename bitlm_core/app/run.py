@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint
+from bitlm_core.app.build import build_model, check_memory, fit_to_checkpoint, placement
 from bitlm_core.app.generate import SampleResult, decompress_sample, generate
 from bitlm_core.app.textstats import vocabulary, word_share
 from bitlm_core.components import Components, build, check_interface
@@ -35,12 +35,14 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     """Train (or resume), evaluate, sample; return the summary written to summary.json."""
     comps = Components.build(spec)
     check_memory(comps.spec, comps)
+    device = placement(comps.spec)
     corpus = read_corpus(comps)  # a corpus that cannot be used leaves no folder behind
     run_dir = Path(run_dir or comps.spec.run_dir())
     check_writable(run_dir)  # before writing anything, the lock file included
     run_dir.mkdir(parents=True, exist_ok=True)
     with signals_as_interrupts(), run_lock(run_dir):
-        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress, corpus)
+        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress, corpus,
+                                              device)
         if state.step < comps.spec.train.steps:
             state = trainer.fit(state)
         return finish_run(trainer, state, comps, train_text)
@@ -77,11 +79,13 @@ def build_callbacks(comps: Components) -> list[Any]:
 
 
 def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str], None],
-             progress, corpus: bytes | None = None) -> tuple[Trainer, TrainState, bytes]:
-    """Prepare the folder (hold its run lock), data and model; resume from the newest
-    usable checkpoint when there is one. Returns the trainer, the state to continue from, and
-    the training text."""
+             progress, corpus: bytes | None = None,
+             device=None) -> tuple[Trainer, TrainState, bytes]:
+    """Prepare the folder (hold its run lock), data and model (on ``device``, default the
+    spec's ``train.device``); resume from the newest usable checkpoint when there is one.
+    Returns the trainer, the state to continue from, and the training text."""
     spec = comps.spec
+    device = placement(spec) if device is None else device
     resume = prepare_run_dir(spec, run_dir, restart)
     set_threads(spec.train.threads)
     dataset, train_text = load_dataset(spec, comps, run_dir, corpus)
@@ -89,7 +93,8 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
     attention = getattr(comps.attention, "name", spec.attention.name)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
         f"parameters, attention {attention}  |  {dataset.train.n_frames:,} training bytes, "
-        f"{dataset.val.n_frames:,} held-out")
+        f"{dataset.val.n_frames:,} held-out  |  {device}"
+        + (f", {spec.train.precision}" if spec.train.precision != "fp32" else ""))
 
     def meta(state: TrainState) -> dict[str, Any]:
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
@@ -100,6 +105,7 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
     if saved is not None:
         fit_to_checkpoint(model, saved, ckpt)  # before the optimizer is built over its parameters
         dataset = dataclasses.replace(dataset, seq_frames=model.cfg.max_frames)
+    model.to(device)  # before the optimizer is built; checkpoints are saved from CPU copies
     trainer = Trainer(spec, model, comps.objective, dataset, run_dir, meta,
                       compressor=comps.compressor if spec.compression.prob > 0 else None,
                       encoder=comps.encoder, telemetry=comps.telemetry,
@@ -109,6 +115,7 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
     if saved is not None:
         load_weights(ckpt, model)
         load_optimizer(ckpt, trainer.optimizer, saved)
+        load_grad_scaler(trainer.scaler, saved, ckpt)
         state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
                            metrics=saved.get("metrics", {}))
         log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
@@ -117,6 +124,23 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
             log(f"dropped {dropped} records of metrics.jsonl past step {state.step}: the steps "
                 "after the checkpoint are trained again")
     return trainer, state, train_text
+
+
+def load_grad_scaler(scaler, saved: dict[str, Any], ckpt: Path) -> None:
+    """fp16: the gradient scaler's state from state.json (numbers only, checked), so that a
+    resumed run scales its loss as the uninterrupted one would."""
+    from bitlm_core.errors import CheckpointError
+
+    held = saved.get("grad_scaler")
+    if not scaler.is_enabled() or held is None:
+        return
+    keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    if (not isinstance(held, dict) or set(held) != keys
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for v in held.values())):
+        raise CheckpointError(f"{ckpt / 'state.json'}: grad_scaler is not the state of a "
+                              "gradient scaler; the checkpoint is damaged")
+    scaler.load_state_dict(held)
 
 
 def finish_run(trainer: Trainer, state: TrainState, comps: Components,
@@ -137,6 +161,8 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
     summary = {
         "run_dir": str(trainer.run_dir), "steps": state.step,
         "train_seconds": round(state.elapsed, 2), "parameters": model.num_parameters(),
+        "compile_seconds": round(trainer.compile_seconds, 2),
+        "device": str(trainer.device), "precision": spec.train.precision,
         "layout": spec.model.layout, "held_out_bits_per_byte": final["bits_per_byte"],
         "held_out_bytes": final["bytes"], "is_bound": final["bound"],
         "samples": [s.text for s in samples], "sample_words_in_training_text": words_known,

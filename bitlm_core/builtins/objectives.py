@@ -74,13 +74,14 @@ class DistillObjective:
             import torch
 
             from bitlm_core.app.loading import load_run
+            from bitlm_core.engine.device import model_device
             from bitlm_core.errors import BitlmError, SpecError
 
             # building the teacher seeds torch's generator: keep the student's stream intact,
             # so a resumed run draws the same dropout as an uninterrupted one
             with torch.random.fork_rng(devices=[]):
                 try:
-                    run = load_run(self.teacher_dir)
+                    run = load_run(self.teacher_dir, device=str(model_device(model)))
                 except BitlmError as exc:
                     raise SpecError(f"distill teacher: {exc}") from None
             if not run.comps.causal:

@@ -55,7 +55,7 @@ class AutoregressiveSampler:
                 dec.push(bit)
                 if len(frame) == Fb - 1:
                     if on_frame is not None:
-                        on_frame(dec.history[0, -Fb:])
+                        on_frame(dec.history[0, -Fb:].cpu())
                     frame = []
                 else:
                     frame = frame + [bit]

@@ -82,10 +82,11 @@ def guard(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def show_plugin_warning(message, category, filename, lineno, file=None, line=None):
-    """Plugin warnings as one yellow line; every other warning as Python shows it."""
+    """Plugin and precision warnings as one yellow line; every other warning as Python shows it."""
+    from bitlm_core.engine.device import PrecisionWarning
     from bitlm_core.plugins import PluginWarning
 
-    if issubclass(category, PluginWarning):
+    if issubclass(category, (PluginWarning, PrecisionWarning)):
         err.print(f"[yellow]warning:[/] {message}", markup=True, soft_wrap=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)

@@ -67,6 +67,9 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help='Print {"bits_per_byte": ..., '
                                  '"bytes": ...}.'),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto (cuda, "
+                               "else mps, else cpu), cpu, cuda, cuda:N or mps; any run loads "
+                               "on any device."),
 ) -> None:
     """Bits per byte of a run's model on any text file, scored with a sliding window."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -76,7 +79,7 @@ def eval_(
     from bitlm_core.engine.runtime import set_threads
 
     set_threads(threads)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, device=device)
     data = read_text_file(text)
     with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} windows"), TimeRemainingColumn(), console=err,
@@ -118,6 +121,9 @@ def sample(
                                                  help="Sampler to retry with after a blocked "
                                                       "attempt (repeatable), e.g. diffusion."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
+    device: str = typer.Option("auto", "--device", help="Where the model runs: auto (cuda, "
+                               "else mps, else cpu), cpu, cuda, cuda:N or mps; any run loads "
+                               "on any device."),
 ) -> None:
     """Generate text from a run's model; every byte is parity-valid."""
     from bitlm_core.app.generate import SafetyWarning, safe_sample_with_retry
@@ -131,7 +137,7 @@ def sample(
     except UnicodeEncodeError:  # bytes from the terminal that are not UTF-8
         raise DataError("--prompt is not valid UTF-8 text; give it as UTF-8") from None
     set_threads(threads)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, device=device)
     overrides = {k: v for k, v in (("temperature", temperature), ("top_p", top_p),
                                    ("top_k", top_k)) if v is not None}
     samplers = [build(loaded.comps.resolved["sample.sampler"], **overrides)]

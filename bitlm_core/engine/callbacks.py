@@ -169,11 +169,12 @@ class AttentionMaps(Callback):
         import torch
         from safetensors.torch import save
 
+        from bitlm_core.engine.device import model_device
         from bitlm_core.model import eval_mode
         from bitlm_core.store.atomic import atomic_write_bytes
         from bitlm_core.store.rundir import ATTENTION_DIR
 
-        window = next(trainer.dataset.val_batches(1, 1))
+        window = next(trainer.dataset.val_batches(1, 1)).to(model_device(trainer.model))
         with eval_mode(trainer.model), torch.no_grad():
             _, maps = trainer.model(window, causal=True, return_attention=True)
         if any(m is None for m in maps):

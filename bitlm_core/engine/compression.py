@@ -119,10 +119,12 @@ def forward_compressed(model, stream: bytes, codec: Any, *, causal: bool = True,
     """
     import torch
 
+    from bitlm_core.engine.device import model_device
+
     bits = decompress_any(codec, stream, max_bits)
     if bits.dim() == 1:
         bits = bits.unsqueeze(0)
-    return model(bits.to(torch.uint8), causal=causal)
+    return model(bits.to(model_device(model), torch.uint8), causal=causal)
 
 
 def model_output_decompress(bits, codec: Any, encoder: Any, max_bits: int = 1 << 24):

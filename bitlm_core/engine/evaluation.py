@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from bitlm_core.engine.device import model_device
 from bitlm_core.errors import BitlmError
 from bitlm_core.model import eval_mode
 
@@ -28,10 +29,11 @@ LN2 = math.log(2.0)
 def score_batches(model, objective, batches, frame_bits: int) -> tuple[float, int]:
     """(bits per byte, bytes) over batches of windows, each batch weighted by its bytes."""
     total, n_bytes = 0.0, 0
+    device = model_device(model)
     with eval_mode(model):
         for batch in batches:
             frames = batch.numel() // frame_bits
-            total += objective(model, batch).bits_per_byte * frames
+            total += objective(model, batch.to(device)).bits_per_byte * frames
             n_bytes += frames
     return (total / n_bytes if n_bytes else float("nan")), n_bytes
 
@@ -96,10 +98,11 @@ def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int
     stride = min(stride, window)
     plan, total = iter_windows(n, window, stride), count_windows(n, window, stride)
     total_nats = 0.0
+    device = model_device(model)
     with eval_mode(model):
         for i in range(0, total, batch_size):
             chunk = list(itertools.islice(plan, batch_size))
-            rows = torch.stack([read(b, window) for b, _ in chunk])
+            rows = torch.stack([read(b, window) for b, _ in chunk]).to(device)
             logits = model(rows, causal=True).float()
             nll = F.cross_entropy(logits.reshape(-1, 2), rows.reshape(-1).long(),
                                   reduction="none").view(len(chunk), window, frame_bits)

@@ -20,13 +20,16 @@ from bitlm_core.errors import BitlmError
 
 def next_bit_probs(model, bits):
     """P(bit = 1) at every position of ``bits`` (B, L) from one causal forward pass, without
-    gradients, in evaluation mode (the model's mode is restored)."""
+    gradients, in evaluation mode (the model's mode is restored). The pass runs on the
+    model's device; the probabilities come back on ``bits``' device."""
     import torch
 
+    from bitlm_core.engine.device import model_device
     from bitlm_core.model import eval_mode
 
     with eval_mode(model), torch.no_grad():
-        return torch.softmax(model(bits, causal=True).float(), dim=-1)[..., 1]
+        logits = model(bits.to(model_device(model)), causal=True).float()
+        return torch.softmax(logits, dim=-1)[..., 1].to(bits.device)
 
 
 def metric_values(telemetry: Mapping[str, Any], bits, probs=None) -> dict[str, float]:

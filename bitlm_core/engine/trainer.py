@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bitlm_core.engine.compression import CompressionFeed, RoundTrip, compression_prob
+from bitlm_core.engine.device import grad_scaler, model_device
 from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
 from bitlm_core.engine.runtime import Interrupted, StepBoundary, signal_name
 from bitlm_core.engine.telemetry import Regularisers
@@ -96,6 +97,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress, self.log = progress, log
         self.optimizer = make_optimizer(model, self.t)
+        self.device = model_device(model)  # batches are moved here, once each
+        self.scaler = grad_scaler(self.device, self.t.precision)  # fp16's; else does nothing
+        self.net = model  # what the objective calls: the model, or its compiled form
+        self.compile_seconds = 0.0
         self.means = RunningMeans()
         self.metrics = MetricsLog(self.run_dir)
         self.stop_reason: str | None = None
@@ -124,8 +129,11 @@ class Trainer:
         self.stop_reason = self.stop_reason or reason
 
     def checkpoint(self, state: TrainState) -> Path:
-        path = save_checkpoint(self.run_dir, state.step, self.model, self.optimizer,
-                               self.meta(state), keep=self.spec.output.keep_checkpoints)
+        meta = self.meta(state)
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
+        path = save_checkpoint(self.run_dir, state.step, self.model, self.optimizer, meta,
+                               keep=self.spec.output.keep_checkpoints)
         self.emit("on_checkpoint", state, path)
         return path
 
@@ -135,6 +143,8 @@ class Trainer:
         callbacks' ``on_interrupt`` saves, then :class:`Interrupted` is raised."""
         self.model.train()
         self.stop_reason = None
+        if self.t.compile and self.net is self.model:
+            self.compile(state)
         self.emit("on_fit_start", state)
         started, before = time.perf_counter(), state.elapsed
         with StepBoundary(self.log) as signals:
@@ -159,9 +169,32 @@ class Trainer:
             self.log(f"stopped early at step {state.step}: {self.stop_reason}")
         return state
 
+    def compile(self, state: TrainState) -> None:
+        """``train.compile``: ``torch.compile`` the model and compile its forward and backward
+        on the next step's first micro-batch now, so that the time it takes is counted apart
+        (:attr:`compile_seconds`) from training time. Nothing is updated (the gradients are
+        dropped, and each step seeds its own randomness). When compiling fails, a warning says
+        why and training goes on eagerly."""
+        mode = "max-autotune" if self.t.compile == "max-autotune" else None
+        started = time.perf_counter()
+        try:
+            net = torch.compile(self.model, mode=mode)
+            self.objective(net, self.batch(state.step, 0).bits).loss.backward()
+        except Exception as exc:  # torch raises many kinds: a missing compiler, a backend's
+            self.log(f"warning: train.compile: torch.compile failed, training eagerly "
+                     f"instead ({describe_exception(exc)[:300]})")
+            net = self.model
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.net = net
+        self.compile_seconds = time.perf_counter() - started
+        if net is not self.model:
+            self.log(f"compiled the model in {self.compile_seconds:.1f} s (not counted as "
+                     "training time)")
+
     def step(self, state: TrainState) -> dict[str, float]:
         """One optimizer step: the schedule's learning rate, ``grad_accum`` micro-batches whose
-        gradients are averaged, clipping, the update."""
+        gradients are averaged, clipping, the update (fp16: through the gradient scaler)."""
         lr = lr_at(state.step, self.t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -171,13 +204,15 @@ class Trainer:
         loss_sum, bpb_sum, n_compressed = 0.0, 0.0, 0
         for micro in range(n):
             batch = self.batch(state.step, micro)
-            out = self.objective(self.model, batch.bits)
-            (self.total_loss(batch, out, state.step) / n).backward()
+            out = self.objective(self.net, batch.bits)
+            self.scaler.scale(self.total_loss(batch, out, state.step) / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
             n_compressed += batch.trip is not None
+        self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model, self.t.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return {"loss": loss_sum / n, "bits_per_byte": bpb_sum / n, "lr": lr,
                 "grad_norm": grad_norm, "compressed_batches": n_compressed}
 
@@ -193,9 +228,9 @@ class Trainer:
         c = self.spec.compression
         if self.feed is None or rng.random() >= compression_prob(step, c.prob, c.warmup_steps,
                                                                  c.ramp_steps):
-            return Batch(bits)
+            return Batch(bits.to(self.device))
         trip = self.feed.round_trip(bits)
-        return Batch(trip.bits, trip)
+        return Batch(trip.bits.to(self.device), trip)
 
     def total_loss(self, batch: Batch, out, step: int):
         """The objective's loss, plus the regularisers and the direct-mode loss; their figures
@@ -215,8 +250,8 @@ class Trainer:
         if batch.trip is not None:
             figures["ratio"] = batch.trip.ratio
             if c.direct:
-                direct = self.objective(self.model,
-                                        self.feed.direct_batch(batch.bits, batch.trip.streams))
+                direct = self.objective(self.net, self.feed.direct_batch(
+                    batch.bits, batch.trip.streams).to(self.device))
                 loss = loss + c.direct_weight * direct.loss
                 self.means.add({"direct_loss": float(direct.loss.detach()),
                                 "direct_bits_per_byte": direct.bits_per_byte})

@@ -28,10 +28,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from bitlm_core.errors import BitsError
 from bitlm_core.model.config import LAYOUTS, ModelConfig
-from bitlm_core.model.layers import Block, init_weights, scale_residual_projections
+from bitlm_core.model.layers import (Block, autocast, init_weights, run_group,
+                                     scale_residual_projections)
+from bitlm_core.model.reversible import reversible
 
 
 def layout_class(layout: str) -> type["BitTransformerLM"]:
@@ -102,18 +105,33 @@ class BitTransformerLM(nn.Module):
         """Embedded positions ``x (B, T, C)`` starting at ``start`` -> (normed states, maps).
 
         ``caches`` (one dict per block) makes attention keep and extend its keys and values,
-        for incremental decoding.
+        for incremental decoding. The blocks compute in ``cfg.precision`` (autocast; the
+        weights stay float32) and the states come out in float32.
         """
         T = x.size(1)
         if start + T > self.cfg.max_positions:
             raise BitsError(f"input needs {start + T} positions, the model has "
                             f"{self.cfg.max_positions}; score long texts with a sliding window")
         x = self.drop(x + self.pos(torch.arange(start, start + T, device=x.device)))
+        with autocast(self.cfg.precision, x.device):
+            x, maps = self.run_blocks(x, causal, caches, need_weights)
+        return self.ln_f(x.float()), maps
+
+    def run_blocks(self, x, causal: bool, caches=None, need_weights=False):
+        """The transformer blocks on ``x``: plain, reversible (``cfg.reversible``) or with
+        their activations recomputed in backward (``cfg.checkpointing``)."""
+        cfg = self.cfg
+        if cfg.reversible:
+            return reversible(self.blocks, x, causal, caches, need_weights)
+        group = {"none": 0, "blocks": 1, "every_k": cfg.checkpoint_k}[cfg.checkpointing]
+        if not group or caches is not None or not torch.is_grad_enabled():
+            return run_group(self.blocks, x, causal, caches, need_weights)
         maps = []
-        for i, block in enumerate(self.blocks):
-            x, w = block(x, causal, None if caches is None else caches[i], need_weights)
-            maps.append(w)
-        return self.ln_f(x), maps
+        for i in range(0, len(self.blocks), group):
+            x, ws = checkpoint(run_group, self.blocks[i:i + group], x, causal, None,
+                               need_weights, use_reentrant=False)
+            maps.extend(ws)
+        return x, maps
 
     def mix_neighbours(self, x):
         """Non-causal input (B, T, C): add a learned map of the ``neighbours`` embeddings on

@@ -9,6 +9,8 @@ MASK = 2  # token value of a masked bit (non-causal objectives)
 BOS = 3  # token value of "before the start" (flat layout, causal)
 LAYOUTS = ("flat", "framed")
 LOCALS = ("joint", "tree", "node_mlp", "mlp")  # local bit predictors of the framed layout
+CHECKPOINTING = ("none", "blocks", "every_k")  # what backward recomputes
+PRECISIONS = ("fp32", "bf16", "fp16")  # the blocks' compute precision
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class ModelConfig:
     local_dim: int = 128  # framed: width of the local bit predictor
     frame_parity: bool = False  # each frame's last bit is the even parity of the others
     neighbours: int = 0  # non-causal input: also read this many positions on either side
+    checkpointing: str = "none"  # one of CHECKPOINTING: recompute blocks in backward
+    checkpoint_k: int = 2  # every_k: blocks per recomputed group
+    reversible: bool = False  # reversible coupling of each block's two halves
+    precision: str = "fp32"  # one of PRECISIONS: autocast of the blocks (weights stay fp32)
 
     @property
     def max_positions(self) -> int:

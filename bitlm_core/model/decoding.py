@@ -15,7 +15,7 @@ from bitlm_core.errors import BitsError
 
 def prompt_bits(model, prompt):
     """A decoder's starting history: (B, P) uint8 bits of whole frames, or a BitsError."""
-    history = prompt.to(torch.uint8)
+    history = prompt.to(next(model.parameters()).device, torch.uint8)
     if history.size(1) % model.frame_bits:
         raise BitsError(f"prompt has {history.size(1)} bits, not a whole number of "
                         f"{model.frame_bits}-bit frames")
@@ -51,7 +51,7 @@ class CachedDecoder:
 
     @torch.no_grad()
     def push(self, bit):
-        bit = bit.to(torch.uint8).view(-1, 1)
+        bit = bit.to(self.history.device, torch.uint8).view(-1, 1)
         self.history = torch.cat([self.history, bit], dim=1)
         self._push(bit)
 
@@ -86,7 +86,8 @@ class FullForwardDecoder:
         return self.model(window, causal=True)[:, L - start]
 
     def push(self, bit):
-        self.history = torch.cat([self.history, bit.to(torch.uint8).view(-1, 1)], dim=1)
+        self.history = torch.cat([self.history, bit.to(self.history.device, torch.uint8)
+                                  .view(-1, 1)], dim=1)
 
 
 def choose_bit(logits, generator, temperature: float = 1.0, top_k: int = 0,
@@ -98,13 +99,15 @@ def choose_bit(logits, generator, temperature: float = 1.0, top_k: int = 0,
     """
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # drawn where the generator lives (the CPU's, for samples that do not depend on the device)
+    where = generator.device if generator is not None else logits.device
+    probs = torch.softmax(logits.float().to(where) / temperature, dim=-1)
     if top_p < 1.0:
         best = probs.max(dim=-1, keepdim=True)
         keep_only_best = best.values >= top_p
         onehot = torch.zeros_like(probs).scatter_(-1, best.indices, 1.0)
         probs = torch.where(keep_only_best, onehot, probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 def parity_bit(frame_bits_so_far):

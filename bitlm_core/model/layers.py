@@ -31,6 +31,26 @@ def scale_residual_projections(model: nn.Module, n_layers: int) -> None:
             nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * n_layers))
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device):
+    """Autocast to ``precision`` (``bf16``, ``fp16``) on ``device``; ``fp32`` changes nothing."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def run_group(blocks, x, causal: bool, caches=None, need_weights: bool = False):
+    """``blocks`` one after the other on ``x``: (output, their attention maps)."""
+    maps = []
+    for i, block in enumerate(blocks):
+        x, w = block(x, causal, None if caches is None else caches[i], need_weights)
+        maps.append(w)
+    return x, maps
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Evaluation mode inside the block; the model's own mode is restored afterwards, even on
