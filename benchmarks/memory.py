@@ -1,5 +1,16 @@
-"""Memory: the training-step estimate that `bitlm run` checks against, and `bitlm eval` on texts
-of growing size.
+"""Memory and speed of the memory-saving layers and precisions, the training-step estimate that
+`bitlm run` checks against, and `bitlm eval` on texts of growing size.
+
+Depth table: for plain, checkpointed (``model.checkpointing: blocks``) and reversible models of
+2, 4, 8 and 16 blocks (framed, d_model 256, batch 8 x 128 bytes, one thread), the peak
+activation memory of one training step (peak resident memory of its forward and backward
+minus what the process held before them, parameters, gradients and optimizer state already
+allocated; a fresh process per configuration, peak reset through /proc/self/clear_refs) and
+the whole step's time (median of the timed steps); ratios against the plain model of the same depth, and the growth
+from 2 to 16 blocks.
+
+Precision table: step time of bf16 autocast and of torch.compile against fp32 eager, same
+model (8 x 256), same process kind; compile's own time apart.
 
 Table 1: for the quickstart model (framed and flat), bitlm's estimate of a training step's
 memory (``bitlm_core.app.build.training_memory``) against what a few training steps really
@@ -11,7 +22,7 @@ Table 2: peak resident memory of ``bitlm eval`` (a fresh process each) on texts 
 4x a base size, with a tiny run; the baseline is the 1x text. Flat means memory does not grow
 with the text.
 
-    python benchmarks/memory.py [--steps 3] [--text-mb 1]
+    python benchmarks/memory.py [--steps 3] [--text-mb 1] [--only depth,precision]
 """
 
 from __future__ import annotations
@@ -23,6 +34,95 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+LAYER_CHILD = r"""
+import json, os, statistics, sys, time, torch
+from bitlm_core.app.build import build_model
+from bitlm_core.app.run import load_dataset
+from bitlm_core.components import Components
+from bitlm_core.engine.trainer import Trainer, TrainState
+from bitlm_core.spec import load_spec
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+overrides, steps, folder = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+spec = load_spec(None, ["train.threads=1", "telemetry.metrics=[]", "model.d_model=256",
+                        "model.n_heads=8", "data.seq_len=128", "train.batch_size=8",
+                        "attention.name=auto", *overrides])
+comps = Components.build(spec)
+model = build_model(spec, comps)
+dataset, _ = load_dataset(spec, comps, __import__("pathlib").Path(folder))
+trainer = Trainer(spec, model, comps.objective, dataset, folder, lambda s: {}, log=lambda m: None)
+for p in model.parameters():  # gradients and AdamW's moments exist before the measured step
+    p.grad = torch.zeros_like(p)
+trainer.optimizer.step()
+state = TrainState()
+if spec.train.compile:
+    trainer.compile(state)
+# activations: the peak of one forward and backward (the optimizer's update is not part of it)
+batch = trainer.batch(0, 0)
+before = rss("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # peak RSS := current RSS
+comps.objective(trainer.net, batch.bits).loss.backward()
+peak = rss("VmHWM:")
+del batch
+times = []
+for i in range(steps):
+    start = time.perf_counter()
+    trainer.step(state)
+    times.append(time.perf_counter() - start)
+    state.step += 1
+print(json.dumps({"activations": peak - before, "step": statistics.median(times[1:] or times),
+                  "compile": trainer.compile_seconds}))
+"""
+
+
+def layer_run(overrides: list[str], steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run([sys.executable, "-c", LAYER_CHILD, json.dumps(overrides),
+                              str(steps), folder], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{overrides}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def depth_table(steps: int) -> None:
+    modes = {"plain": [], "checkpointed": ["model.checkpointing=blocks"],
+             "reversible": ["model.reversible=true"]}
+    depths = (2, 4, 8, 16)
+    r = {(m, d): layer_run(extra + [f"model.n_layers={d}"], steps)
+         for d in depths for m, extra in modes.items()}
+    print("| model | blocks | peak activations | vs plain | step s | vs plain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m in modes:
+        for d in depths:
+            x, p = r[m, d], r["plain", d]
+            print(f"| {m} | {d} | {x['activations'] / 2**20:,.0f} MiB | "
+                  f"{x['activations'] / p['activations']:.2f} | {x['step']:.3f} | "
+                  f"{x['step'] / p['step']:.2f} |")
+    print("\nGrowth of peak activation memory from 2 to 16 blocks:")
+    for m in modes:
+        print(f"- {m}: {r[m, 16]['activations'] / r[m, 2]['activations']:.2f}x")
+
+
+def precision_table(steps: int) -> None:
+    base = ["model.n_layers=8"]
+    rows = {"fp32 eager": base, "bf16 eager": base + ["train.precision=bf16"],
+            "fp32 compiled": base + ["train.compile=true"],
+            "bf16 compiled": base + ["train.precision=bf16", "train.compile=true"]}
+    r = {name: layer_run(extra, steps) for name, extra in rows.items()}
+    ref = r["fp32 eager"]["step"]
+    print("| 8 x 256, batch 8 x 128 | step s | speed vs fp32 eager | compile s |")
+    print("|---|---:|---:|---:|")
+    for name, x in r.items():
+        print(f"| {name} | {x['step']:.3f} | {ref / x['step']:.2f}x | "
+              f"{x['compile']:.1f} |")
+
 
 STEP_CHILD = r"""
 import json, resource, sys, torch
@@ -105,12 +205,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="training steps measured")
     parser.add_argument("--text-mb", type=float, default=1.0, help="the base text's size")
+    parser.add_argument("--only", default="depth,precision,estimate,eval",
+                        help="tables to print, comma-separated")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    print("Training-step memory, quickstart model, one thread:\n")
-    training_table(args.steps)
-    print("\n`bitlm eval` on texts of growing size (a tiny run, stride = context):\n")
-    eval_table(args.text_mb)
+    if "depth" in only:
+        print("Memory-saving layers against depth (framed, 256 wide, batch 8 x 128, one "
+              "thread):\n")
+        depth_table(max(args.steps, 2))
+    if "precision" in only:
+        print("\nPrecision and compile (one thread):\n")
+        precision_table(max(args.steps, 4))
+    if "estimate" in only:
+        print("\nTraining-step memory, quickstart model, one thread:\n")
+        training_table(args.steps)
+    if "eval" in only:
+        print("\n`bitlm eval` on texts of growing size (a tiny run, stride = context):\n")
+        eval_table(args.text_mb)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ class DataSection(Strict):
     require_utf8: bool = True
 
 
+class ActSection(Strict):
+    enabled: bool = Field(False, description="adaptive computation time: each position stops "
+                                             "after the blocks it needs")
+    threshold: float = Field(0.99, gt=0.0, le=1.0, description="a position halts once its "
+                             "summed halting probabilities reach this")
+    ponder_weight: float = Field(0.01, ge=0.0, description="weight of the ponder cost (blocks "
+                                 "used per position) added to the loss")
+    max_steps: Optional[int] = Field(None, ge=1, description="blocks a position may use at "
+                                     "most; default all")
+
+
 class ModelSection(Strict):
     layout: Literal["flat", "framed"] = "framed"
     d_model: int = Field(128, ge=8)
@@ -65,6 +76,7 @@ class ModelSection(Strict):
     reversible: bool = Field(False, description="reversible blocks: inputs rebuilt from "
                                                 "outputs in backward, activation memory "
                                                 "constant in depth")
+    act: ActSection = ActSection()
 
     @model_validator(mode="after")
     def _heads_divide(self):

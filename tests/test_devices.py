@@ -158,7 +158,8 @@ class Killed(KeyboardInterrupt):
     ["model.checkpointing=every_k", "model.dropout=0.1"],
     ["train.precision=bf16"],
     ["train.precision=fp16"],
-], ids=["reversible", "checkpointing", "bf16", "fp16"])
+    ["model.act.enabled=true", "model.reversible=true", "model.checkpointing=blocks"],
+], ids=["reversible", "checkpointing", "bf16", "fp16", "act"])
 def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, tiny_spec,
                                                                 monkeypatch, overrides):
     from bitlm_core.engine.trainer import Trainer

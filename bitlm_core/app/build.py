@@ -26,7 +26,9 @@ def model_config(spec: RunSpec, encoder, causal: bool = True) -> ModelConfig:
                        local=m.local, local_layers=m.local_layers,
                        local_dim=m.local_dim or m.d_model,
                        checkpointing=m.checkpointing, checkpoint_k=m.checkpoint_k,
-                       reversible=m.reversible, precision=spec.train.precision)
+                       reversible=m.reversible, precision=spec.train.precision,
+                       act=m.act.enabled, act_threshold=m.act.threshold,
+                       act_max_steps=m.act.max_steps or 0)
 
 
 def build_model(spec: RunSpec, comps: Components) -> BitTransformerLM:

@@ -77,11 +77,12 @@ def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
     import torch
 
     from bitlm_core.engine.dataset import check_text
-    from bitlm_core.engine.evaluation import score_batches, score_windows
+    from bitlm_core.engine.evaluation import HaltingDepth, score_batches, score_windows
 
     check_text(data, source, run.spec.data.require_utf8)
     enc, objective = run.comps.encoder, run.comps.objective
     Fb, W = enc.frame_bits, run.model.cfg.max_frames  # data.seq_len, or more if it grew
+    depth = HaltingDepth(run.model)
     n = len(data)
 
     def read(begin: int, count: int):
@@ -93,9 +94,10 @@ def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
         if not 1 <= stride <= W:
             raise DataError(f"--stride must be between 1 and the model's context ({W} bytes), "
                             f"got {stride}")
-        bpb, n_bytes = score_windows(run.model, read, n, Fb, W, stride, batch_size, progress)
+        bpb, n_bytes = score_windows(run.model, read, n, Fb, W, stride, batch_size, progress,
+                                     depth)
         return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": False,
-                "window": W, "stride": stride}
+                "window": W, "stride": stride, **depth.figures()}
     if stride is not None:
         raise DataError(f"--stride applies to causal models; this run's objective "
                         f"'{run.spec.objective.name}' is scored in non-overlapping windows of "
@@ -113,6 +115,6 @@ def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
             if len(full) < len(group):
                 yield read(group[-1], n - group[-1]).view(1, -1)
 
-    bpb, n_bytes = score_batches(run.model, objective, batches(), Fb)
+    bpb, n_bytes = score_batches(run.model, objective, batches(), Fb, depth)
     return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": is_bound,
-            "window": W, "stride": W}
+            "window": W, "stride": W, **depth.figures()}

@@ -165,6 +165,7 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
         "device": str(trainer.device), "precision": spec.train.precision,
         "layout": spec.model.layout, "held_out_bits_per_byte": final["bits_per_byte"],
         "held_out_bytes": final["bytes"], "is_bound": final["bound"],
+        **({"act_blocks": final["act_blocks"]} if "act_blocks" in final else {}),
         "samples": [s.text for s in samples], "sample_words_in_training_text": words_known,
     }
     atomic_write_text(trainer.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

@@ -95,6 +95,9 @@ def eval_(
         out.print(f"{label}: {result['bits_per_byte']:.4f} over {result['bytes']:,} bytes "
                   f"({text}, model at step {loaded.step}; window {result['window']} bytes, "
                   f"stride {result['stride']})", soft_wrap=True)
+        if "act_blocks" in result:
+            out.print(f"halting depth: {result['act_blocks']:.2f} of "
+                      f"{len(loaded.model.blocks)} blocks per position on average")
 
 
 def sample(

@@ -87,7 +87,9 @@ class Evaluation(Callback):
                           t.eval_batches)
         bpb = result["bits_per_byte"]
         trainer.write_metrics({"split": "val", "step": state.step, "bits_per_byte": bpb,
-                               "bytes": result["bytes"]})
+                               "bytes": result["bytes"],
+                               **({"act/blocks": result["act_blocks"]}
+                                  if "act_blocks" in result else {})})
         state.metrics.update(val_bits_per_byte=bpb)
         trainer.emit("on_eval", state, result)
         trainer.log(f"step {state.step:>6}  train loss {record['loss']:.4f}  "
@@ -269,9 +271,11 @@ class Progress(Callback):
         val = state.metrics.get("val_bits_per_byte", float("nan"))
         tel = "  ".join(f"{k.rsplit('/', 1)[1][:3]} {v:.2f}" for k, v in state.metrics.items()
                         if k.startswith("telemetry/val/"))
+        compiled = getattr(trainer, "compile_seconds", 0.0)
         trainer.progress.update(self.task, completed=state.step, info=(
             f"loss {record['loss']:.4f}  bpb {record['bits_per_byte']:.3f}  val {val:.3f}  "
-            f"lr {record['lr']:.2e}" + (f"  {tel}" if tel else "")))
+            f"lr {record['lr']:.2e}" + (f"  {tel}" if tel else "")
+            + (f"  (compiled in {compiled:.0f} s, not counted)" if compiled else "")))
 
 
 class Checkpointing(Callback):

@@ -25,9 +25,34 @@ from bitlm_core.model import eval_mode
 LN2 = math.log(2.0)
 
 
+class HaltingDepth:
+    """The mean number of blocks a model with adaptive computation time used per position,
+    over the forward passes :meth:`add` saw (weighted by their bytes); None without ACT."""
+
+    def __init__(self, model) -> None:
+        self.on = bool(getattr(getattr(model, "cfg", None), "act", False))
+        self.model, self.sum, self.bytes = model, 0.0, 0
+
+    def add(self, n_bytes: int) -> None:
+        ponder = getattr(self.model, "ponder", None) if self.on else None
+        if ponder is not None:
+            self.sum += float(ponder["blocks"]) * n_bytes
+            self.bytes += n_bytes
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.bytes if self.bytes else None
+
+    def figures(self) -> dict[str, float]:
+        """``{"act_blocks": mean}`` for a model with ACT, else nothing."""
+        return {} if self.mean is None else {"act_blocks": self.mean}
+
+
 @torch.no_grad()
-def score_batches(model, objective, batches, frame_bits: int) -> tuple[float, int]:
-    """(bits per byte, bytes) over batches of windows, each batch weighted by its bytes."""
+def score_batches(model, objective, batches, frame_bits: int,
+                  depth: HaltingDepth | None = None) -> tuple[float, int]:
+    """(bits per byte, bytes) over batches of windows, each batch weighted by its bytes;
+    ``depth`` collects the halting depth of a model with ACT."""
     total, n_bytes = 0.0, 0
     device = model_device(model)
     with eval_mode(model):
@@ -35,17 +60,24 @@ def score_batches(model, objective, batches, frame_bits: int) -> tuple[float, in
             frames = batch.numel() // frame_bits
             total += objective(model, batch.to(device)).bits_per_byte * frames
             n_bytes += frames
+            if depth is not None:
+                depth.add(frames)
     return (total / n_bytes if n_bytes else float("nan")), n_bytes
 
 
 def evaluate(model, objective, dataset, batch_size: int,
              max_batches: int | None = None) -> dict[str, float]:
-    """Held-out bits per byte over non-overlapping windows (all of them by default)."""
+    """Held-out bits per byte over non-overlapping windows (all of them by default), and the
+    mean halting depth (``act_blocks``) of a model with adaptive computation time."""
+    depth = HaltingDepth(model)
     bpb, n_bytes = score_batches(model, objective, dataset.val_batches(batch_size, max_batches),
-                                 dataset.frame_bits)
+                                 dataset.frame_bits, depth)
     if n_bytes == 0:
         raise BitlmError("the held-out split holds no whole window; lower data.seq_len")
-    return {"bits_per_byte": bpb, "bytes": n_bytes, "bound": bool(objective.is_bound)}
+    out = {"bits_per_byte": bpb, "bytes": n_bytes, "bound": bool(objective.is_bound)}
+    if depth.mean is not None:
+        out["act_blocks"] = depth.mean
+    return out
 
 
 def window_plan(n_frames: int, window: int, stride: int) -> list[tuple[int, int]]:
@@ -87,7 +119,8 @@ def score_sliding(model, bits, frame_bits: int, window: int, stride: int,
 @torch.no_grad()
 def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int,
                   frame_bits: int, window: int, stride: int, batch_size: int = 16,
-                  progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, int]:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  depth: HaltingDepth | None = None) -> tuple[float, int]:
     """(bits per byte, bytes) of a causal model on a text of ``n_frames`` frames that
     ``read(begin, n)`` gives ``n`` at a time (a 1-D tensor of ``n * frame_bits`` bits).
 
@@ -107,6 +140,8 @@ def score_windows(model, read: Callable[[int, int], torch.Tensor], n_frames: int
             nll = F.cross_entropy(logits.reshape(-1, 2), rows.reshape(-1).long(),
                                   reduction="none").view(len(chunk), window, frame_bits)
             per_frame = nll.sum(-1)
+            if depth is not None:
+                depth.add(rows.numel() // frame_bits)
             for row, (b, first) in enumerate(chunk):
                 total_nats += float(per_frame[row, first - b:].sum())
             if progress is not None:

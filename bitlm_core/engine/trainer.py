@@ -187,8 +187,8 @@ class Trainer:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
         self.net = net
-        self.compile_seconds = time.perf_counter() - started
         if net is not self.model:
+            self.compile_seconds = time.perf_counter() - started
             self.log(f"compiled the model in {self.compile_seconds:.1f} s (not counted as "
                      "training time)")
 
@@ -239,6 +239,12 @@ class Trainer:
             raise BitlmError(f"loss became {float(out.loss)} at step {step}; lower train.lr or "
                              "enable train.grad_clip")
         loss = out.loss
+        ponder = (getattr(self.model, "ponder", None)
+                  if getattr(getattr(self.model, "cfg", None), "act", False) else None)
+        if ponder is not None:  # adaptive computation time: the cost of the blocks used
+            loss = loss + self.spec.model.act.ponder_weight * ponder["cost"]
+            self.means.add({"act/blocks": float(ponder["blocks"]),
+                            "act/halted_early": float(ponder["halted_early"])})
         if self.regularisers and out.probs is not None:
             loss, values = self.regularisers(loss, batch.bits, out.probs)
             self.means.add({f"reg/{k}": v for k, v in values.items()})

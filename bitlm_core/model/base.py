@@ -34,6 +34,7 @@ from bitlm_core.errors import BitsError
 from bitlm_core.model.config import LAYOUTS, ModelConfig
 from bitlm_core.model.layers import (Block, autocast, init_weights, run_group,
                                      scale_residual_projections)
+from bitlm_core.model.act import act_blocks, init_halting
 from bitlm_core.model.reversible import reversible
 
 
@@ -84,10 +85,14 @@ class BitTransformerLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, backend) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(C)
+        if cfg.act:  # adaptive computation time: a halting unit per position
+            self.halt = nn.Linear(C, 1)
 
     def _init_parameters(self) -> None:
         self.apply(init_weights)
         scale_residual_projections(self, self.cfg.n_layers)
+        if self.cfg.act:
+            init_halting(self.halt, self.cfg.act_max_steps or self.cfg.n_layers)
 
     # -- what every layout has --------------------------------------------------------------
     @property
@@ -114,7 +119,10 @@ class BitTransformerLM(nn.Module):
                             f"{self.cfg.max_positions}; score long texts with a sliding window")
         x = self.drop(x + self.pos(torch.arange(start, start + T, device=x.device)))
         with autocast(self.cfg.precision, x.device):
-            x, maps = self.run_blocks(x, causal, caches, need_weights)
+            if self.cfg.act:
+                x, maps = act_blocks(self, x, causal, caches, need_weights)
+            else:
+                x, maps = self.run_blocks(x, causal, caches, need_weights)
         return self.ln_f(x.float()), maps
 
     def run_blocks(self, x, causal: bool, caches=None, need_weights=False):

@@ -32,6 +32,9 @@ class ModelConfig:
     checkpoint_k: int = 2  # every_k: blocks per recomputed group
     reversible: bool = False  # reversible coupling of each block's two halves
     precision: str = "fp32"  # one of PRECISIONS: autocast of the blocks (weights stay fp32)
+    act: bool = False  # adaptive computation time over the blocks (bitlm_core.model.act)
+    act_threshold: float = 0.99  # a position halts once its halting probabilities reach this
+    act_max_steps: int = 0  # blocks a position may use at most; 0: all of them
 
     @property
     def max_positions(self) -> int:

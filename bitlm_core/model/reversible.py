@@ -100,7 +100,11 @@ def _autocast_as(state):
 class ReversibleStack(torch.autograd.Function):
     """forward(x, blocks, causal, replay, *params) -> (y1, y2) of the last block, keeping only
     those two tensors (and the random states when ``replay``); backward walks the blocks in
-    reverse, rebuilding each block's inputs and recomputing its halves with gradients."""
+    reverse, rebuilding each block's inputs and recomputing its halves with gradients.
+
+    The parameters are inputs only so that the outputs require gradients whenever they do;
+    their gradients are accumulated by the nested backward of each half (as reentrant
+    checkpointing does), so this function returns None for them."""
 
     @staticmethod
     def forward(ctx, x, blocks, causal, replay, *params):
@@ -122,28 +126,27 @@ class ReversibleStack(torch.autograd.Function):
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
         device = y1.device
-        grads: dict[int, torch.Tensor] = {}
         for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            f_params = [*block.ln1.parameters(), *block.attn.parameters()]
-            g_params = [*block.ln2.parameters(), *block.mlp.parameters()]
+            # each half's recomputed graph is run backward here, one block at a time: the
+            # parameters' gradients accumulate through autograd as usual (their hooks fire),
+            # and no more than one block's gradients and activations exist at once
             with torch.enable_grad(), _autocast_as(ctx.autocast):
                 y1_ = y1.detach().requires_grad_()
                 with _replayed(g_state, device):
                     g = feedforward_half(block, y1_)
-                d_y1, *d_g = torch.autograd.grad(g, [y1_, *g_params], dy2, allow_unused=True)
+            torch.autograd.backward(g, dy2)
             with torch.no_grad():
                 x2 = y2 - g
-                dx1 = dy1 + d_y1
+                dx1 = dy1 + y1_.grad
+            del g, y1_
             with torch.enable_grad(), _autocast_as(ctx.autocast):
                 x2_ = x2.detach().requires_grad_()
                 with _replayed(f_state, device):
                     f = attention_half(block, x2_, ctx.causal)[0]
-                d_x2, *d_f = torch.autograd.grad(f, [x2_, *f_params], dx1, allow_unused=True)
+            torch.autograd.backward(f, dx1)
             with torch.no_grad():
                 x1 = y1 - f
-                dx2 = dy2 + d_x2
-            for p, d in zip([*f_params, *g_params], [*d_f, *d_g]):
-                grads[id(p)] = d
+                dx2 = dy2 + x2_.grad
+            del f, x2_
             y1, y2, dy1, dy2 = x1, x2, dx1, dx2
-        params = [p for block in ctx.blocks for p in block.parameters()]
-        return (dy1 + dy2, None, None, None, *(grads.get(id(p)) for p in params))
+        return (dy1 + dy2, None, None, None, *([None] * ctx.n_params))
