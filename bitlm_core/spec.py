@@ -72,7 +72,8 @@ class ModelSection(Strict):
         "none", description="recompute block activations in backward instead of keeping "
                             "them: every block, or groups of checkpoint_k blocks")
     checkpoint_k: int = Field(2, ge=1, description="checkpointing: every_k: blocks per "
-                                                   "recomputed group (one stored input each)")
+                                                   "recomputed group (one stored input each; "
+                                                   "with act, every block is its own group)")
     reversible: bool = Field(False, description="reversible blocks: inputs rebuilt from "
                                                 "outputs in backward, activation memory "
                                                 "constant in depth")

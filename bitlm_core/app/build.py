@@ -113,7 +113,12 @@ def training_memory(spec: RunSpec, comps: Components) -> dict[str, int]:
     block = 12 * C + 3 * cfg.d_ff  # what backward keeps of one block, per position
     if getattr(comps.attention, "supports_weights", True):
         block += 3 * cfg.n_heads * T
-    if cfg.reversible:  # two residual streams, and one block recomputed at a time
+    if cfg.act:  # every block's state, mixture and halting values are kept
+        if cfg.checkpointing != "none":  # and each block's input (two streams, reversible)
+            per_position = L * (3 * C + (2 * C if cfg.reversible else C)) + block
+        else:
+            per_position = L * (3 * C + block)
+    elif cfg.reversible:  # two residual streams, and one block recomputed at a time
         per_position = 2 * C + block
     elif cfg.checkpointing != "none":  # each group's input, and one group recomputed
         k = 1 if cfg.checkpointing == "blocks" else min(cfg.checkpoint_k, L)

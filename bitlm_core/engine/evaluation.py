@@ -27,7 +27,8 @@ LN2 = math.log(2.0)
 
 class HaltingDepth:
     """The mean number of blocks a model with adaptive computation time used per position,
-    over the forward passes :meth:`add` saw (weighted by their bytes); None without ACT."""
+    over the forward passes :meth:`add` saw (weighted by the positions each computed, context
+    included); None without ACT."""
 
     def __init__(self, model) -> None:
         self.on = bool(getattr(getattr(model, "cfg", None), "act", False))

@@ -172,14 +172,19 @@ class Trainer:
     def compile(self, state: TrainState) -> None:
         """``train.compile``: ``torch.compile`` the model and compile its forward and backward
         on the next step's first micro-batch now, so that the time it takes is counted apart
-        (:attr:`compile_seconds`) from training time. Nothing is updated (the gradients are
-        dropped, and each step seeds its own randomness). When compiling fails, a warning says
-        why and training goes on eagerly."""
+        (:attr:`compile_seconds`) from training time. Nothing is updated: the warm-up runs a
+        copy of the objective (an objective may count its calls, as a curriculum does), its
+        gradients are dropped, and each step seeds its own randomness. When compiling fails, a
+        warning says why and training goes on eagerly."""
+        import copy
+
         mode = "max-autotune" if self.t.compile == "max-autotune" else None
         started = time.perf_counter()
         try:
             net = torch.compile(self.model, mode=mode)
-            self.objective(net, self.batch(state.step, 0).bits).loss.backward()
+            warm_up = copy.deepcopy(self.objective)
+            warm_up(net, self.batch(state.step, 0).bits).loss.backward()
+            del warm_up
         except Exception as exc:  # torch raises many kinds: a missing compiler, a backend's
             self.log(f"warning: train.compile: torch.compile failed, training eagerly "
                      f"instead ({describe_exception(exc)[:300]})")

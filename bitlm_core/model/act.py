@@ -7,7 +7,8 @@ ln_f(h_n) + b)``. A position halts at the first block ``N`` where ``p_1 + ... + 
 ``threshold`` (or at the last block it may use, ``max_steps``). Its output state is the mixture
 ``sum_{n<N} p_n h_n + R h_N`` with the remainder ``R = 1 - sum_{n<N} p_n``, and its ponder cost
 is ``N + R``; ``ponder_weight`` times the mean cost is added to the loss by the trainer, which
-reads it, with the mean number of blocks used, from ``model.ponder`` after each forward pass.
+reads it, with the mean number of blocks used, from ``model.ponder`` (set by the latest forward
+pass) after the objective's call.
 
 A halted position keeps being computed by the later blocks (other positions attend to it), but
 its output no longer depends on them; so once every position of a forward pass has halted, the
@@ -48,7 +49,8 @@ def block_states(model, x, causal: bool, caches=None, need_weights: bool = False
     """(state after each block, its attention map), block by block, in the model's mode:
     plain or reversible (the coupling's two streams, whose mean is the state), each block
     recomputed in backward with ``checkpointing`` (ACT keeps every block's state, so the
-    reversible stack's own recomputation does not apply; checkpointing does)."""
+    reversible stack's own recomputation does not apply; checkpointing does, a block at a time
+    whatever ``checkpoint_k``, since every block's state is kept anyway)."""
     cfg, blocks = model.cfg, model.blocks
     recompute = cfg.checkpointing != "none" and caches is None and torch.is_grad_enabled()
     x1 = x2 = x

@@ -61,11 +61,21 @@ def reversible(blocks, x, causal: bool, caches=None, need_weights: bool = False)
     return (y1 + y2) / 2, [None] * len(blocks)
 
 
-def _rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
+def _device_generator(device):
+    """(get, set) of the random state that dropout on ``device`` draws from, besides the
+    CPU's: CUDA's of that GPU, MPS's; None for the CPU."""
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        return (lambda: torch.cuda.get_rng_state(device),
+                lambda s: torch.cuda.set_rng_state(s, device))
+    if device.type == "mps":
+        return torch.mps.get_rng_state, torch.mps.set_rng_state
+    return None
+
+
+def _rng_state(device):
+    generator = _device_generator(device)
+    return {"cpu": torch.get_rng_state(),
+            "device": generator[0]() if generator is not None else None}
 
 
 @contextlib.contextmanager
@@ -74,12 +84,17 @@ def _replayed(state, device):
     if state is None:
         yield
         return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], device)
+    generator = _device_generator(device)
+    now = _rng_state(device)
+    torch.set_rng_state(state["cpu"])
+    if generator is not None:
+        generator[1](state["device"])
+    try:
         yield
+    finally:
+        torch.set_rng_state(now["cpu"])
+        if generator is not None:
+            generator[1](now["device"])
 
 
 def _autocast_state(device_type: str):
