@@ -22,7 +22,7 @@ Table 2: peak resident memory of ``bitlm eval`` (a fresh process each) on texts 
 4x a base size, with a tiny run; the baseline is the 1x text. Flat means memory does not grow
 with the text.
 
-    python benchmarks/memory.py [--steps 3] [--text-mb 1] [--only depth,precision]
+    python benchmarks/memory.py [--steps 3] [--text-mb 1] [--only depth,precision] [--device cuda]
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
-overrides, steps, folder = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+overrides, steps, folder, device = (json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                                   sys.argv[4])
 torch.set_num_threads(1)
 spec = load_spec(None, ["train.threads=1", "telemetry.metrics=[]", "model.d_model=256",
                         "model.n_heads=8", "data.seq_len=128", "train.batch_size=8",
-                        "attention.name=auto", *overrides])
+                        "attention.name=auto", f"train.device={device}", *overrides])
 comps = Components.build(spec)
-model = build_model(spec, comps)
+model = build_model(spec, comps).to(device)
+gpu = torch.device(device).type == "cuda"
 dataset, _ = load_dataset(spec, comps, __import__("pathlib").Path(folder))
 trainer = Trainer(spec, model, comps.objective, dataset, folder, lambda s: {}, log=lambda m: None)
 for p in model.parameters():  # gradients and AdamW's moments exist before the measured step
@@ -65,16 +67,23 @@ if spec.train.compile:
     trainer.compile(state)
 # activations: the peak of one forward and backward (the optimizer's update is not part of it)
 batch = trainer.batch(0, 0)
-before = rss("VmRSS:")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # peak RSS := current RSS
+if gpu:  # the allocator's own statistics
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+else:
+    before = rss("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS
 comps.objective(trainer.net, batch.bits).loss.backward()
-peak = rss("VmHWM:")
+peak = torch.cuda.max_memory_allocated() if gpu else rss("VmHWM:")
 del batch
 times = []
 for i in range(steps):
     start = time.perf_counter()
     trainer.step(state)
+    if gpu:
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
     state.step += 1
 print(json.dumps({"activations": peak - before, "step": statistics.median(times[1:] or times),
@@ -82,10 +91,13 @@ print(json.dumps({"activations": peak - before, "step": statistics.median(times[
 """
 
 
+DEVICE = "cpu"  # --device
+
+
 def layer_run(overrides: list[str], steps: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = subprocess.run([sys.executable, "-c", LAYER_CHILD, json.dumps(overrides),
-                              str(steps), folder], capture_output=True, text=True)
+                              str(steps), folder, DEVICE], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{overrides}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -207,7 +219,11 @@ def main() -> None:
     parser.add_argument("--text-mb", type=float, default=1.0, help="the base text's size")
     parser.add_argument("--only", default="depth,precision,estimate,eval",
                         help="tables to print, comma-separated")
+    parser.add_argument("--device", default="cpu", help="depth and precision tables: cpu "
+                        "(peak RSS) or cuda (torch.cuda.max_memory_allocated)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     only = set(args.only.split(","))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "depth" in only:

@@ -130,6 +130,18 @@ def test_a_run_with_act_logs_the_halting_depth(tmp_path, tiny_spec):
     assert 1.0 <= summary["act_blocks"] <= 2.0
 
 
+@pytest.mark.needs("telemetry:lz_complexity")  # core alone has no metric: no telemetry pass
+def test_telemetry_sees_the_halting_depth(tmp_path, tiny_spec):
+    spec = load_spec(tiny_spec(steps=4), ["model.act.enabled=true", "telemetry.every=2",
+                                          "telemetry.metrics=all"])
+    summary = execute(spec, tmp_path / "r", log=lambda m: None)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    tel = [r for r in records if r["split"] == "telemetry"]
+    assert tel and all(1.0 <= r["telemetry/val/act_blocks"] <= 2.0 for r in tel)
+    assert all(1.0 <= r["telemetry/train/act_blocks"] <= 2.0 for r in tel)
+    assert summary["act_blocks"] >= 1.0
+
+
 def test_the_ponder_cost_is_part_of_the_loss_it_trains(tmp_path, tiny_spec):
     from safetensors.torch import load_file
 

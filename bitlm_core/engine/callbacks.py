@@ -226,11 +226,17 @@ class Telemetry(Callback):
     def values(trainer, bits, split: str) -> dict[str, float]:
         """Every metric on ``bits`` with the model's probabilities (none for a non-causal
         model: metrics of them are left out), as ``{"telemetry/<split>/<metric>": value}``."""
-        from bitlm_core.engine.telemetry import metric_values, next_bit_probs
+        from bitlm_core.engine.telemetry import halting_depth, metric_values, next_bit_probs
 
-        probs = next_bit_probs(trainer.model, bits) if trainer.objective.causal else None
+        values = {}
+        if trainer.objective.causal:
+            probs = next_bit_probs(trainer.model, bits)
+            values = halting_depth(trainer.model)  # ACT: how deep that pass went
+        else:
+            probs = None
         return {f"telemetry/{split}/{name}": v
-                for name, v in metric_values(trainer.telemetry, bits, probs).items()}
+                for name, v in {**metric_values(trainer.telemetry, bits, probs),
+                                **values}.items()}
 
     def check_drift(self, trainer, values: dict[str, float], step: int):
         """Record the values; write and log (and return) the first drift alert, if any."""

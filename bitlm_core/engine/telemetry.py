@@ -32,6 +32,16 @@ def next_bit_probs(model, bits):
         return torch.softmax(logits, dim=-1)[..., 1].to(bits.device)
 
 
+def halting_depth(model) -> dict[str, float]:
+    """``{"act_blocks": mean blocks used per position}`` of the model's latest forward pass
+    when it has adaptive computation time, else nothing: beside the metrics, for the drift
+    check, the progress line and safety gates."""
+    ponder = getattr(model, "ponder", None)
+    if ponder is None or not getattr(getattr(model, "cfg", None), "act", False):
+        return {}
+    return {"act_blocks": float(ponder["blocks"])}
+
+
 def metric_values(telemetry: Mapping[str, Any], bits, probs=None) -> dict[str, float]:
     """Each metric's mean over the rows of ``bits``; metrics that cannot be computed (one that
     needs ``probs`` when there are none) are left out."""
@@ -64,6 +74,7 @@ def sample_metrics(model, encoder, bits, prompt_bits: int, telemetry: Mapping[st
         p = next_bit_probs(model, window.view(1, -1))[0]
         probs = p[p.numel() - keep:].view(1, -1)
         new = new[new.numel() - keep:]
+        return {**metric_values(telemetry, new.view(1, -1), probs), **halting_depth(model)}
     return metric_values(telemetry, new.view(1, -1), probs)
 
 
