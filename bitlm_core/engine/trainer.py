@@ -179,17 +179,24 @@ class Trainer:
         import copy
 
         mode = "max-autotune" if self.t.compile == "max-autotune" else None
+        try:
+            warm_up = copy.deepcopy(self.objective)
+        except Exception as exc:  # an objective holding what cannot be copied
+            self.net = torch.compile(self.model, mode=mode)
+            self.log(f"train.compile: the objective cannot be copied for a warm-up "
+                     f"({describe_exception(exc)[:200]}); the model compiles during the first "
+                     "step, whose time then includes it")
+            return
         started = time.perf_counter()
         try:
             net = torch.compile(self.model, mode=mode)
-            warm_up = copy.deepcopy(self.objective)
             warm_up(net, self.batch(state.step, 0).bits).loss.backward()
-            del warm_up
         except Exception as exc:  # torch raises many kinds: a missing compiler, a backend's
             self.log(f"warning: train.compile: torch.compile failed, training eagerly "
                      f"instead ({describe_exception(exc)[:300]})")
             net = self.model
         finally:
+            del warm_up
             self.optimizer.zero_grad(set_to_none=True)
         self.net = net
         if net is not self.model:
