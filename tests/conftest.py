@@ -52,6 +52,17 @@ TINY_TEXT = ("the cat sat on the mat. the dog sat on the log. " * 60
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread inside the test (bitwise comparisons), the previous count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text(TINY_TEXT, encoding="utf-8")

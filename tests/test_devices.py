@@ -40,6 +40,20 @@ class Killed(KeyboardInterrupt):
     """A kill between steps, as a signal lands (the loop saves, then stops)."""
 
 
+def kill_at(monkeypatch, step: int) -> None:
+    """Inside ``monkeypatch``'s context, training raises :class:`Killed` before ``step``."""
+    from bitlm_core.engine.trainer import Trainer
+
+    train_step = Trainer.step
+
+    def killed(self, state):
+        if state.step == step:
+            raise Killed()
+        return train_step(self, state)
+
+    monkeypatch.setattr(Trainer, "step", killed)
+
+
 # -- devices ----------------------------------------------------------------------------------
 def test_auto_is_the_cpu_on_a_machine_without_a_gpu():
     if torch.cuda.is_available():
@@ -140,18 +154,10 @@ def test_fp16_trains_through_the_gradient_scaler_and_saves_its_state(tmp_path, t
 def test_a_resumed_fp16_run_takes_the_saved_gradient_scale(tmp_path, tiny_spec, monkeypatch):
     from bitlm_core.app.run import open_run
     from bitlm_core.components import Components
-    from bitlm_core.engine.trainer import Trainer
 
     spec = load_spec(tiny_spec(steps=4), ["train.precision=fp16"])
-    step = Trainer.step
-
-    def killed_at_step_2(self, state):
-        if state.step == 2:
-            raise Killed()
-        return step(self, state)
-
     with monkeypatch.context() as m, pytest.warns(PrecisionWarning):
-        m.setattr(Trainer, "step", killed_at_step_2)
+        kill_at(m, 2)
         with pytest.raises(Killed):
             execute(spec, tmp_path / "r", log=quiet)
     state_file = latest_checkpoint(tmp_path / "r") / "state.json"
@@ -196,20 +202,11 @@ def test_a_damaged_grad_scaler_state_is_a_clear_error(tmp_path, tiny_spec):
 ], ids=["reversible", "checkpointing", "bf16", "fp16", "act"])
 def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tmp_path, tiny_spec,
                                                                 monkeypatch, overrides):
-    from bitlm_core.engine.trainer import Trainer
-
     path = tiny_spec(steps=6)
     warnings.simplefilter("ignore", PrecisionWarning)
     execute(load_spec(path, overrides), tmp_path / "straight", log=quiet)
-    step = Trainer.step
-
-    def killed_at_step_3(self, state):
-        if state.step == 3:
-            raise Killed()
-        return step(self, state)
-
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "step", killed_at_step_3)
+        kill_at(m, 3)
         with pytest.raises(Killed):
             execute(load_spec(path, overrides), tmp_path / "resumed", log=quiet)
     logs = []

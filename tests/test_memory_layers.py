@@ -41,12 +41,7 @@ def loss_and_grads(cfg: ModelConfig, x: torch.Tensor, causal: bool = True):
                          if p.grad is not None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons
 
 
 @pytest.mark.parametrize("layout", ["framed", "flat"])

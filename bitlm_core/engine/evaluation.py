@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from bitlm_core.engine.device import model_device
 from bitlm_core.errors import BitlmError
 from bitlm_core.model import eval_mode
+from bitlm_core.model.act import latest_ponder
 
 LN2 = math.log(2.0)
 
@@ -31,11 +32,10 @@ class HaltingDepth:
     included); None without ACT."""
 
     def __init__(self, model) -> None:
-        self.on = bool(getattr(getattr(model, "cfg", None), "act", False))
         self.model, self.sum, self.bytes = model, 0.0, 0
 
     def add(self, n_bytes: int) -> None:
-        ponder = getattr(self.model, "ponder", None) if self.on else None
+        ponder = latest_ponder(self.model)
         if ponder is not None:
             self.sum += float(ponder["blocks"]) * n_bytes
             self.bytes += n_bytes

@@ -36,10 +36,10 @@ def halting_depth(model) -> dict[str, float]:
     """``{"act_blocks": mean blocks used per position}`` of the model's latest forward pass
     when it has adaptive computation time, else nothing: beside the metrics, for the drift
     check, the progress line and safety gates."""
-    ponder = getattr(model, "ponder", None)
-    if ponder is None or not getattr(getattr(model, "cfg", None), "act", False):
-        return {}
-    return {"act_blocks": float(ponder["blocks"])}
+    from bitlm_core.model.act import latest_ponder
+
+    ponder = latest_ponder(model)
+    return {} if ponder is None else {"act_blocks": float(ponder["blocks"])}
 
 
 def metric_values(telemetry: Mapping[str, Any], bits, probs=None) -> dict[str, float]:

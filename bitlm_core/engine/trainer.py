@@ -27,6 +27,7 @@ from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
 from bitlm_core.engine.runtime import Interrupted, StepBoundary, signal_name
 from bitlm_core.engine.telemetry import Regularisers
 from bitlm_core.errors import BitlmError, PluginError
+from bitlm_core.model.act import latest_ponder
 from bitlm_core.plugins import describe_exception
 from bitlm_core.spec import RunSpec
 from bitlm_core.store.checkpoint import save_checkpoint
@@ -251,8 +252,7 @@ class Trainer:
             raise BitlmError(f"loss became {float(out.loss)} at step {step}; lower train.lr or "
                              "enable train.grad_clip")
         loss = out.loss
-        ponder = (getattr(self.model, "ponder", None)
-                  if getattr(getattr(self.model, "cfg", None), "act", False) else None)
+        ponder = latest_ponder(self.model)
         if ponder is not None:  # adaptive computation time: the cost of the blocks used
             loss = loss + self.spec.model.act.ponder_weight * ponder["cost"]
             self.means.add({"act/blocks": float(ponder["blocks"]),

@@ -28,7 +28,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from bitlm_core.model.layers import run_group
-from bitlm_core.model.reversible import attention_half, feedforward_half
+from bitlm_core.model.reversible import coupling_step
+
+
+def latest_ponder(model) -> dict | None:
+    """``model.ponder`` of the latest forward pass when the model has adaptive computation
+    time, else None (a model without ACT, or any other object)."""
+    if not getattr(getattr(model, "cfg", None), "act", False):
+        return None
+    return getattr(model, "ponder", None)
 
 
 def init_halting(unit, blocks: int) -> None:
@@ -36,13 +44,6 @@ def init_halting(unit, blocks: int) -> None:
     p = 1.0 / (2 * blocks)
     with torch.no_grad():
         unit.bias.fill_(math.log(p / (1 - p)))
-
-
-def coupling_step(block, x1, x2, causal: bool, cache=None, need_weights: bool = False):
-    """One reversible block: (y1, y2, attention map)."""
-    f, w = attention_half(block, x2, causal, cache, need_weights)
-    y1 = x1 + f
-    return y1, x2 + feedforward_half(block, y1), w
 
 
 def block_states(model, x, causal: bool, caches=None, need_weights: bool = False):

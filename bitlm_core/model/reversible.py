@@ -36,15 +36,20 @@ def feedforward_half(block, x):
     return block.mlp(block.ln2(x))
 
 
+def coupling_step(block, x1, x2, causal: bool, cache=None, need_weights: bool = False):
+    """One reversible block: (y1, y2, attention map)."""
+    f, w = attention_half(block, x2, causal, cache, need_weights)
+    y1 = x1 + f
+    return y1, x2 + feedforward_half(block, y1), w
+
+
 def coupled(blocks, x, causal: bool, caches=None, need_weights: bool = False):
     """The coupling as a plain loop (autograd keeps what it needs): (output, maps)."""
     x1 = x2 = x
     maps = []
     for i, block in enumerate(blocks):
-        f, w = attention_half(block, x2, causal, None if caches is None else caches[i],
-                              need_weights)
-        x1 = x1 + f
-        x2 = x2 + feedforward_half(block, x1)
+        x1, x2, w = coupling_step(block, x1, x2, causal,
+                                  None if caches is None else caches[i], need_weights)
         maps.append(w)
     return (x1 + x2) / 2, maps
 
