@@ -300,3 +300,9 @@ def test_the_memory_estimate_follows_what_each_mode_keeps(tiny_spec):
     assert growth("model.reversible=true") < 1.2
     assert growth("model.checkpointing=blocks") < growth()
     assert growth("model.reversible=true", "model.act.enabled=true") > 2  # ACT keeps states
+
+
+def test_a_device_name_from_the_command_line_is_quoted_bounded():
+    with pytest.raises(SpecError) as exc:
+        resolve_device("x" * 5000, "--device")
+    assert "--device: 'xxxx" in str(exc.value) and len(str(exc.value)) < 200

@@ -22,8 +22,8 @@ UTF8_CHUNK = 1 << 22  # bytes decoded at a time when checking UTF-8: memory stay
 
 def check_text(data, source: str, require_utf8: bool = True) -> None:
     """``data`` (bytes, or anything sliced into bytes: a file read as needed) is not empty and,
-    unless told otherwise, valid UTF-8, or a DataError naming the first bad byte. Checked a few MB at a
-    time, so a file of any size can be checked in bounded memory."""
+    unless told otherwise, valid UTF-8, or a DataError naming the first bad byte. Checked a few
+    MB at a time, so a file of any size can be checked in bounded memory."""
     import codecs
 
     if not len(data):

@@ -46,6 +46,8 @@ def resolve_device(name: str, key: str = "train.device"):
     else cpu), or a SpecError naming ``key`` when this machine does not have it."""
     import torch
 
+    shown = repr(name) if len(name) <= 40 else repr(name[:40]) + "..."  # bounded: it is input
+    instead = f"{key} cpu" if key.startswith("--") else f"{key}: cpu"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -53,13 +55,13 @@ def resolve_device(name: str, key: str = "train.device"):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SpecError(f"{key}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or "
+        raise SpecError(f"{key}: {shown} is not a device; use auto, cpu, cuda, cuda:N or "
                         "mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"{key}: {name} asked for, and this machine has no usable CUDA "
-                            f"({found(torch)}). To train on a GPU, {CUDA_INSTALL}; else set "
-                            f"{key}: cpu (or auto)")
+                            f"({found(torch)}). To use a GPU, {CUDA_INSTALL}; else give "
+                            f"{instead} (or auto)")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise SpecError(f"{key}: {name} asked for, and {count} GPU(s) are visible "
@@ -68,7 +70,7 @@ def resolve_device(name: str, key: str = "train.device"):
         raise SpecError(f"{key}: mps asked for, and this machine has no MPS ({found(torch)}); "
                         "MPS is Apple silicon's GPU: use cpu or auto elsewhere")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise SpecError(f"{key}: {name!r} is not a device bitlm runs on; use auto, cpu, cuda, "
+        raise SpecError(f"{key}: {shown} is not a device bitlm runs on; use auto, cpu, cuda, "
                         "cuda:N or mps")
     return device
 
