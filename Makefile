@@ -1,7 +1,8 @@
 # bitlm: `make run` trains the quickstart, `make test` runs every test.
 # Both create .venv on first use and install core plus every plugin (editable).
 # `make test-core` runs core's tests in .venv-core, which has no plugin installed: core alone
-# must run end to end (tests that need a plugin skip, saying which).
+# must run end to end (tests that need a plugin skip, saying which). The multi-process jobs of
+# tests/test_distributed.py use core alone and run once, in `make test`.
 #
 # TORCH picks the PyTorch build installed when .venv has none. The default is the CPU wheel of
 # this project's machines; for a GPU build, install it into .venv first (or set TORCH), and pip
@@ -39,7 +40,7 @@ $(CORE_STAMP): pyproject.toml
 	touch $(CORE_STAMP)
 
 test-core: $(CORE_STAMP)
-	$(CORE_VENV)/bin/python -m pytest tests
+	$(CORE_VENV)/bin/python -m pytest tests -m "not jobs"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --quick

@@ -200,13 +200,54 @@ class SampleSection(Strict):
 
 
 class DistributedSection(Strict):
-    backend: Literal["none"] = Field("none", description="multi-process training is not "
-                                                         "available yet")
+    """Training in several processes, launched by torchrun (``bitlm run --nproc N`` starts it
+    for one machine). Each process trains on its own share of every step's windows: a step
+    covers ``train.batch_size x train.grad_accum x processes`` windows, or ``global_batch``
+    when that is set."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none (one process), ddp (every process holds the model, "
+                            "gradients averaged) or fsdp (parameters, gradients and optimizer "
+                            "state sharded over the processes)")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="the process group's backend; auto: nccl on CUDA, gloo on CPU")
+    global_batch: Optional[int] = Field(
+        None, ge=1, description="windows per optimizer step over all processes; each takes "
+                                "global_batch / (processes x train.grad_accum), which must be "
+                                "whole. Unset: train.batch_size per process")
+    timeout_minutes: float = Field(10.0, gt=0, le=24 * 60,
+                                   description="how long a process waits for the others in "
+                                               "one collective before the job ends")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_backend(cls, data):
+        if isinstance(data, dict) and data.get("backend") == "none":  # specs of bitlm 0.1-0.2
+            data = {**data, "backend": "auto"}
+        return data
 
 
 class OutputSection(Strict):
     dir: Optional[str] = Field(None, description="run folder; default runs/<name>")
     keep_checkpoints: int = Field(2, ge=1)
+
+
+#: (setting, whether a spec uses it, why FSDP cannot shard it); ddp trains all of them.
+NOT_SHARDED = (
+    ("model.reversible", lambda s: s.model.reversible,
+     "its blocks run without autograd in forward and rebuild their inputs in backward, where "
+     "FSDP's gathers of the sharded weights do not happen; use strategy ddp, or "
+     "model.checkpointing to save memory"),
+    ("model.act", lambda s: s.model.act.enabled,
+     "processes whose positions halt at different depths would skip different blocks and "
+     "wait for each other's gathers forever; use strategy ddp"),
+    ("scaling.strategy", lambda s: s.scaling.strategy is not None,
+     "growing the model would need it sharded again, optimizer state included; use strategy "
+     "ddp, which rebuilds its wrapper after a growth"),
+    ("train.precision fp16", lambda s: s.train.precision == "fp16",
+     "the fp16 gradient scaler does not run on sharded gradients; use bf16, which needs no "
+     "scaler"),
+)
 
 
 class RunSpec(Strict):
@@ -225,6 +266,15 @@ class RunSpec(Strict):
     output: OutputSection = OutputSection()
     callbacks: list[Component] = Field(default_factory=list, description="training callbacks "
                                        "from plugins, run after bitlm's own")
+
+    @model_validator(mode="after")
+    def _fsdp_can_shard(self):
+        """What FSDP cannot shard, refused before anything starts (see :data:`NOT_SHARDED`)."""
+        if self.distributed.strategy == "fsdp":
+            for key, applies, why in NOT_SHARDED:
+                if applies(self):
+                    raise ValueError(f"distributed.strategy fsdp cannot train with {key}: {why}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -432,5 +482,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         else:
             given = err.get("input")
             got = "" if isinstance(given, dict) else f", got {shown(given)}"
-            lines.append(f"  {path}: {err['msg'][:200]}{got}")
+            msg, cap = err["msg"], 200
+            if err["type"] == "value_error":  # bitlm's own checks: longer, and no prefix
+                msg, cap = msg.removeprefix("Value error, "), 400
+            lines.append(f"  {path}: {msg[:cap]}{got}")
     return "\n".join(lines)

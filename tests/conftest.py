@@ -32,6 +32,8 @@ PLUGIN_FOLDERS = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*components): skip unless every 'kind:name' "
                                        "component is installed and enabled")
+    config.addinivalue_line("markers", "jobs: starts multi-process jobs (torchrun's launcher); "
+                                       "core-only, run by make test, skipped by make test-core")
 
 
 def pytest_runtest_setup(item):

@@ -89,7 +89,7 @@ def test_evaluation_writes_val_records_tells_the_others_and_logs(monkeypatch):
     from bitlm_core.engine import evaluation
 
     scores = iter([3.5, 3.25, 3.0])
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a: {"bits_per_byte": next(scores),
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"bits_per_byte": next(scores),
                                                             "bytes": 640, "bound": False})
     heard = []
     listener = SimpleNamespace(on_eval=lambda trainer, state, result: heard.append(

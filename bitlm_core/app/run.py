@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,34 +19,59 @@ from bitlm_core.app.generate import SampleResult, decompress_sample, generate
 from bitlm_core.app.textstats import vocabulary, word_share
 from bitlm_core.components import Components, build, check_interface
 from bitlm_core.engine.callbacks import BUILTIN
+from bitlm_core.engine.distributed import (SOLO, World, describe, lost, lost_process,
+                                           micro_batch, start, stop)
 from bitlm_core.engine.evaluation import evaluate
 from bitlm_core.engine.runtime import set_threads, signals_as_interrupts
 from bitlm_core.engine.trainer import Trainer, TrainState
 from bitlm_core.registry import get_registry
 from bitlm_core.spec import RunSpec
 from bitlm_core.store.atomic import atomic_write_text
-from bitlm_core.store.checkpoint import load_optimizer, load_weights, read_state, usable_checkpoint
+from bitlm_core.store.checkpoint import (load_optimizer, load_weights, read_state, step_of,
+                                         step_path, usable_checkpoint)
 from bitlm_core.store.lock import run_lock
 from bitlm_core.store.rundir import (DATA_DIR, SAMPLES_FILE, SUMMARY_FILE, check_writable,
                                      prepare_run_dir)
 
 
 def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
-            log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
-    """Train (or resume), evaluate, sample; return the summary written to summary.json."""
+            log: Callable[[str], None] = print, progress=None) -> dict[str, Any] | None:
+    """Train (or resume), evaluate, sample; return the summary written to summary.json.
+
+    Under torchrun every process calls it: rank 0 prepares and writes the run folder (and
+    returns the summary), the others train beside it and return None."""
     comps = Components.build(spec)
     check_memory(comps.spec, comps)
-    device = placement(comps.spec)
-    corpus = read_corpus(comps)  # a corpus that cannot be used leaves no folder behind
-    run_dir = Path(run_dir or comps.spec.run_dir())
-    check_writable(run_dir)  # before writing anything, the lock file included
+    world, device = start(comps.spec, placement(comps.spec))
+    try:
+        if not world.main:  # rank 0 alone logs, shows progress and prints
+            log, progress = (lambda message: None), None
+        run_dir = Path(run_dir or comps.spec.run_dir())
+        # a corpus that cannot be used leaves no folder behind; the folder is checked before
+        # anything is written, the lock file included
+        corpus = world.on_main("reading the corpus", lambda: _new_folder(comps, run_dir))
+        with signals_as_interrupts(), (run_lock(run_dir) if world.main else nullcontext()):
+            trainer, state, train_text = open_run(comps, run_dir, restart, log, progress,
+                                                  corpus, device, world)
+            try:
+                if state.step < comps.spec.train.steps:
+                    state = trainer.fit(state)
+                return finish_run(trainer, state, comps, train_text)
+            finally:
+                trainer.release()  # DDP's hold on the process group goes before the group
+    except Exception as exc:
+        if world.group and lost_process(exc):
+            raise lost(exc, "training") from None
+        raise
+    finally:
+        stop(world)
+
+
+def _new_folder(comps: Components, run_dir: Path) -> bytes:
+    corpus = read_corpus(comps)
+    check_writable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with signals_as_interrupts(), run_lock(run_dir):
-        trainer, state, train_text = open_run(comps, run_dir, restart, log, progress, corpus,
-                                              device)
-        if state.step < comps.spec.train.steps:
-            state = trainer.fit(state)
-        return finish_run(trainer, state, comps, train_text)
+    return corpus
 
 
 def read_corpus(comps: Components) -> bytes:
@@ -79,28 +105,46 @@ def build_callbacks(comps: Components) -> list[Any]:
 
 
 def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str], None],
-             progress, corpus: bytes | None = None,
-             device=None) -> tuple[Trainer, TrainState, bytes]:
+             progress, corpus: bytes | None = None, device=None,
+             world: World = SOLO) -> tuple[Trainer, TrainState, bytes]:
     """Prepare the folder (hold its run lock), data and model (on ``device``, default the
     spec's ``train.device``); resume from the newest usable checkpoint when there is one.
-    Returns the trainer, the state to continue from, and the training text."""
+    Returns the trainer, the state to continue from, and the training text.
+
+    In several processes rank 0 prepares the folder, stores the data and picks the checkpoint;
+    the others then read the same."""
     spec = comps.spec
     device = placement(spec) if device is None else device
-    resume = prepare_run_dir(spec, run_dir, restart)
     set_threads(spec.train.threads)
-    dataset, train_text = load_dataset(spec, comps, run_dir, corpus)
+
+    def prepare():
+        resume = prepare_run_dir(spec, run_dir, restart)
+        dataset, train_text = load_dataset(spec, comps, run_dir, corpus)
+        ckpt = usable_checkpoint(run_dir, log) if resume else None
+        return dataset, train_text, ckpt
+
+    dataset, train_text, ckpt = world.on_main("opening the run folder", prepare) or \
+        (None, b"", None)
+    step = world.broadcast(-1 if ckpt is None else step_of(ckpt))
+    if not world.main:
+        from bitlm_core.engine.dataset import open_dataset
+
+        dataset = open_dataset(run_dir / DATA_DIR, spec.data.seq_len)
+        ckpt = None if step < 0 else step_path(run_dir, step)
     model = build_model(spec, comps)
     attention = getattr(comps.attention, "name", spec.attention.name)
     log(f"run folder {run_dir}  |  {spec.model.layout} model, {model.num_parameters():,} "
         f"parameters, attention {attention}  |  {dataset.train.n_frames:,} training bytes, "
         f"{dataset.val.n_frames:,} held-out  |  {device}"
         + (f", {spec.train.precision}" if spec.train.precision != "fp32" else ""))
+    if world.group:
+        log(describe(world, spec, micro_batch(spec, world.size)))
 
     def meta(state: TrainState) -> dict[str, Any]:
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
-                "elapsed": state.elapsed, "metrics": state.metrics}
+                "elapsed": state.elapsed, "metrics": state.metrics,
+                "processes": world.size}
 
-    ckpt = usable_checkpoint(run_dir, log) if resume else None
     saved = read_state(ckpt) if ckpt is not None else None
     if saved is not None:
         fit_to_checkpoint(model, saved, ckpt)  # before the optimizer is built over its parameters
@@ -110,20 +154,47 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
                       compressor=comps.compressor if spec.compression.prob > 0 else None,
                       encoder=comps.encoder, telemetry=comps.telemetry,
                       regularisers=comps.regularisers, scaling=comps.scaling,
-                      callbacks=build_callbacks(comps), progress=progress, log=log)
+                      callbacks=build_callbacks(comps), progress=progress, log=log,
+                      world=world)
     state = TrainState()
     if saved is not None:
-        load_weights(ckpt, model)
-        load_optimizer(ckpt, trainer.optimizer, saved)
-        load_grad_scaler(trainer.scaler, saved, ckpt)
+        resume_from(trainer, ckpt, saved)
         state = TrainState(step=saved["step"], elapsed=saved.get("elapsed", 0.0),
                            metrics=saved.get("metrics", {}))
-        log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})")
-        dropped = trainer.metrics.truncate(state.step)
-        if dropped:
-            log(f"dropped {dropped} records of metrics.jsonl past step {state.step}: the steps "
-                "after the checkpoint are trained again")
+        were = saved.get("processes", 1)
+        log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})"
+            + (f", saved by {were} process{'es' if were != 1 else ''}"
+               if were != world.size else ""))
+        if were != world.size and spec.distributed.global_batch is None:
+            per_step = spec.train.batch_size * spec.train.grad_accum
+            log(f"note: a step now trains on {per_step * world.size} windows, it was "
+                f"{per_step * were} with {were} process{'es' if were != 1 else ''}; "
+                "distributed.global_batch keeps a step's windows whatever the process count")
+        if world.main:
+            dropped = trainer.metrics.truncate(state.step)
+            if dropped:
+                log(f"dropped {dropped} records of metrics.jsonl past step {state.step}: the "
+                    "steps after the checkpoint are trained again")
     return trainer, state, train_text
+
+
+def resume_from(trainer: Trainer, ckpt: Path, saved: dict[str, Any]) -> None:
+    """The weights, optimizer state and gradient scaler of ``ckpt`` into ``trainer``: from
+    shards (for however this job shards the model) or from whole files."""
+    from bitlm_core.errors import CheckpointError
+    from bitlm_core.store.sharded import is_sharded, load_sharded
+
+    if trainer.world.sharded:
+        if not is_sharded(ckpt):
+            raise CheckpointError(f"{ckpt} holds whole weights, not the shards that "
+                                  "distributed.strategy fsdp resumes from; resume with the "
+                                  "strategy the run was trained with, or --restart")
+        load_sharded(ckpt, trainer.model, trainer.optimizer,
+                     saved.get("optimizer_param_groups", []))
+    else:
+        load_weights(ckpt, trainer.model)
+        load_optimizer(ckpt, trainer.optimizer, saved)
+    load_grad_scaler(trainer.scaler, saved, ckpt)
 
 
 def load_grad_scaler(scaler, saved: dict[str, Any], ckpt: Path) -> None:
@@ -144,10 +215,15 @@ def load_grad_scaler(scaler, saved: dict[str, Any], ckpt: Path) -> None:
 
 
 def finish_run(trainer: Trainer, state: TrainState, comps: Components,
-               train_text: bytes) -> dict[str, Any]:
-    """Score the whole held-out split, write samples and the summary; return the summary."""
-    spec, model = comps.spec, trainer.model
-    final = evaluate(model, comps.objective, trainer.dataset, spec.train.batch_size)
+               train_text: bytes) -> dict[str, Any] | None:
+    """Score the whole held-out split, write samples and the summary; return the summary (on
+    rank 0; None on the other processes of a job, which only take part in the scoring)."""
+    spec, world = comps.spec, trainer.world
+    final = evaluate(trainer.model, comps.objective, trainer.dataset, spec.train.batch_size,
+                     world=world)
+    model = trainer.inference_model()  # rank 0's whole model (every process takes part)
+    if not world.main:
+        return None
     trainer.write_metrics({"split": "val", "step": state.step, "final": True, **final})
     samples = [generate(model, comps.encoder, comps.sampler, spec.sample.prompt,
                         spec.sample.bytes, seed=spec.sample.seed + i, gate=comps.gate,
@@ -163,6 +239,7 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
         "train_seconds": round(state.elapsed, 2), "parameters": model.num_parameters(),
         "compile_seconds": round(trainer.compile_seconds, 2),
         "device": str(trainer.device), "precision": spec.train.precision,
+        "processes": world.size, "strategy": spec.distributed.strategy,
         "layout": spec.model.layout, "held_out_bits_per_byte": final["bits_per_byte"],
         "held_out_bytes": final["bytes"], "is_bound": final["bound"],
         **({"act_blocks": final["act_blocks"]} if "act_blocks" in final else {}),

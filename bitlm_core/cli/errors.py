@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bitlm_core.errors import BitlmError
 
@@ -33,6 +34,12 @@ def print_text(text: str) -> None:
     out.file.flush()
 
 
+def _process() -> str:
+    """``rank N: `` in a process of a job of several (torchrun's variables), else nothing."""
+    rank, size = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "1")
+    return f"rank {rank[:6]}: " if size != "1" and rank else ""
+
+
 @contextmanager
 def user_errors():
     """Turn bitlm errors into one message and an exit status; keep tracebacks for --debug."""
@@ -41,13 +48,16 @@ def user_errors():
     except BitlmError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(_process() + str(exc))}", markup=True,
+                  soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (bitlm_core.engine.runtime)
         if _state["debug"]:
             raise
         signum = getattr(exc, "signum", 2)
-        if str(exc) and signum:
+        if _process() and os.environ.get("RANK") != "0":
+            pass  # the other processes of a job stopped with rank 0, which says so
+        elif str(exc) and signum:
             err.print(f"interrupted: {exc}", markup=False, soft_wrap=True)
         else:
             err.print("interrupted. Run the same command again to resume from the last "
@@ -58,7 +68,7 @@ def user_errors():
     except Exception as exc:  # a bug, not bad input: say so, and how to see more
         if _state["debug"]:
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+        err.print(f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
                   "Run again with --debug for the traceback.", markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
 

@@ -14,6 +14,7 @@ Every command reports errors through :func:`bitlm_core.cli.errors.guard`.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -181,5 +182,16 @@ def main() -> None:
 
     try:
         app()
+    except SystemExit as done:
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # a process of a job (torchrun's)
+            ignore_stop_signals()
+            # ends now, without the interpreter's teardown: threads of the process group and
+            # of autograd that outlive a run can deadlock it on the GIL (pytorch#190489), and
+            # a worker that never exits holds the whole job
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
     finally:  # the command is done: a late Ctrl-C must not break the exit
         ignore_stop_signals()

@@ -24,18 +24,43 @@ def run(
     restart: bool = typer.Option(False, "--restart", help="Discard an existing run in the "
                                  "folder instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, max=4096, metavar="N",
+        help="Train in N processes on this machine (torchrun's launcher, one process per GPU "
+             "or CPU share); the spec needs distributed.strategy ddp or fsdp. For several "
+             "machines, run torchrun yourself (README)."),
 ) -> None:
     """Train a model from a spec, evaluate held-out bits per byte, and sample text.
 
     Running again into the same folder resumes from the newest checkpoint.
     """
+    from bitlm_core.spec import load_spec
+
+    run_spec = load_spec(spec, override or [])
+    if nproc is not None:
+        import sys
+
+        from bitlm_core.cli.launch import launch, worker_args
+        from bitlm_core.engine.distributed import launched
+        from bitlm_core.errors import SpecError
+
+        if launched() is not None:
+            raise SpecError("--nproc starts a job, and this process is already one of a "
+                            "job's (torchrun set WORLD_SIZE); drop --nproc")
+        if nproc > 1 and run_spec.distributed.strategy == "none":
+            raise SpecError(f"--nproc {nproc} trains in {nproc} processes, and the spec's "
+                            "distributed.strategy is none; set it to ddp or fsdp, e.g. "
+                            "-o distributed.strategy=ddp")
+        raise typer.Exit(launch(nproc, worker_args(sys.argv[1:])))
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
     from bitlm_core.app.run import execute
-    from bitlm_core.spec import load_spec
+    from bitlm_core.engine.distributed import launched
 
-    run_spec = load_spec(spec, override or [])
+    where = launched()
+    if where is not None and where[0] != 0:  # rank 0 alone shows progress and prints
+        quiet = True
     progress = None if quiet else Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -47,6 +72,8 @@ def run(
                               log=progress.console.print)
     else:
         summary = execute(run_spec, out_dir, restart=restart, log=log)
+    if summary is None:  # another process of a job than rank 0
+        return
     label = "bound on held-out" if summary["is_bound"] else "held-out"
     out.print(f"{label} bits per byte: {summary['held_out_bits_per_byte']:.4f} "
               f"({summary['held_out_bytes']:,} bytes, {summary['steps']} steps)")

@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from bitlm_core.engine.distributed import SOLO
+
 #: bitlm's own callbacks, by record name, in the order they run at every step.
 BUILTIN = ("log", "evaluation", "growth", "attention_maps", "telemetry", "progress",
            "checkpoint", "time_limit")
@@ -84,7 +86,7 @@ class Evaluation(Callback):
         if not due(state.step, t.eval_every, t.steps):
             return
         result = evaluate(trainer.model, trainer.objective, trainer.dataset, t.batch_size,
-                          t.eval_batches)
+                          t.eval_batches, world=getattr(trainer, "world", SOLO))
         bpb = result["bits_per_byte"]
         trainer.write_metrics({"split": "val", "step": state.step, "bits_per_byte": bpb,
                                "bytes": result["bytes"],
@@ -143,6 +145,9 @@ class Growth(Callback):
         if strategy.grow(model) is not model:
             raise BitlmError(f"scaling strategy '{trainer.spec.scaling.strategy.name}' returned "
                              "a new model; bitlm strategies grow the model in place")
+        rewrap = getattr(trainer, "rewrap", None)
+        if rewrap is not None:  # DDP: a new wrapper over the grown parameters
+            rewrap()
         trainer.optimizer = make_optimizer(model, trainer.t)
         carry_optimizer_state(old_state, old_params, model, trainer.optimizer.state)
         if model.cfg.max_frames != trainer.dataset.seq_frames:
@@ -183,6 +188,8 @@ class AttentionMaps(Callback):
             trainer.log("attention.full_attn_logging: the attention backend returned no maps; "
                         "use attention: {name: reference}, which returns them")
             return None
+        if not getattr(trainer, "world", SOLO).main:  # every process ran the pass; one writes
+            return None
         folder = trainer.run_dir / ATTENTION_DIR
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{step}.safetensors"
@@ -219,8 +226,10 @@ class Telemetry(Callback):
         and on a held-out batch."""
         _, train_bits = trainer.windows(step - 1, 0)
         val_bits = next(trainer.dataset.val_batches(trainer.t.batch_size, 1))
-        return {**self.values(trainer, train_bits, "train"),
-                **self.values(trainer, val_bits, "val")}
+        values = {**self.values(trainer, train_bits, "train"),
+                  **self.values(trainer, val_bits, "val")}
+        names = sorted(values)  # in several processes: the mean over their training rows
+        return dict(zip(names, getattr(trainer, "world", SOLO).mean([values[k] for k in names])))
 
     @staticmethod
     def values(trainer, bits, split: str) -> dict[str, float]:

@@ -86,13 +86,26 @@ class BitDataset:
     def window_bits(self) -> int:
         return self.seq_frames * self.frame_bits
 
-    def train_batch(self, rng: np.random.Generator, batch_size: int):
-        """(B, window_bits) uint8 tensor of windows starting at random frame boundaries."""
+    def train_batch(self, rng: np.random.Generator, batch_size: int,
+                    shard: tuple[int, int] = (0, 1)):
+        """(B, window_bits) uint8 tensor of windows starting at random frame boundaries.
+
+        ``shard`` = (rank, processes): the batch is the rank's rows of a batch of ``B x
+        processes`` windows drawn for all, so that the processes of a job together train on
+        what one process with ``B x processes`` windows would (only the rank's own windows
+        are read)."""
         import torch
 
-        starts = rng.integers(0, self.train.n_frames - self.seq_frames + 1, size=batch_size)
+        rank, size = shard
+        starts = rng.integers(0, self.train.n_frames - self.seq_frames + 1,
+                              size=batch_size * size)[rank * batch_size:(rank + 1) * batch_size]
         rows = [self.train.window(int(s) * self.frame_bits, self.window_bits) for s in starts]
         return torch.from_numpy(np.stack(rows))
+
+    def val_batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`val_batches` gives."""
+        n = -(-(self.val.n_frames // self.seq_frames) // batch_size)
+        return n if max_batches is None else min(n, max_batches)
 
     def val_batches(self, batch_size: int, max_batches: int | None = None):
         """Non-overlapping held-out windows, in order, as (B, window_bits) tensors."""
@@ -106,6 +119,13 @@ class BitDataset:
             rows = [self.val.window(s * self.frame_bits, self.window_bits)
                     for s in starts[i:i + batch_size]]
             yield torch.from_numpy(np.stack(rows))
+
+
+def open_dataset(store_dir: Path, seq_frames: int) -> BitDataset:
+    """The dataset :func:`prepare_dataset` stored in ``store_dir`` (the other processes of a
+    job read what rank 0 wrote)."""
+    return BitDataset(BitStore(store_dir / "train.bits"), BitStore(store_dir / "val.bits"),
+                      seq_frames)
 
 
 def prepare_dataset(data: bytes, encoder, seq_frames: int, val_fraction: float,

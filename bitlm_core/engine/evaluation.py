@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bitlm_core.engine.device import model_device
+from bitlm_core.engine.distributed import SOLO, World
 from bitlm_core.errors import BitlmError
 from bitlm_core.model import eval_mode
 from bitlm_core.model.act import latest_ponder
@@ -66,19 +67,42 @@ def score_batches(model, objective, batches, frame_bits: int,
     return (total / n_bytes if n_bytes else float("nan")), n_bytes
 
 
-def evaluate(model, objective, dataset, batch_size: int,
-             max_batches: int | None = None) -> dict[str, float]:
+def evaluate(model, objective, dataset, batch_size: int, max_batches: int | None = None,
+             world: World = SOLO) -> dict[str, float]:
     """Held-out bits per byte over non-overlapping windows (all of them by default), and the
-    mean halting depth (``act_blocks``) of a model with adaptive computation time."""
+    mean halting depth (``act_blocks``) of a model with adaptive computation time.
+
+    In several processes (``world``) each scores every ``size``-th batch and the sums are
+    added up, so every process gets the figures of all the batches."""
     depth = HaltingDepth(model)
-    bpb, n_bytes = score_batches(model, objective, dataset.val_batches(batch_size, max_batches),
-                                 dataset.frame_bits, depth)
+    batches, fewer = dataset.val_batches(batch_size, max_batches), 0
+    if world.group:
+        count, r, w = dataset.val_batch_count(batch_size, max_batches), world.rank, world.size
+        batches = (b for i, b in enumerate(batches) if i % w == r)
+        fewer = -(-count // w) - len(range(r, count, w)) if world.sharded else 0
+    bpb, n_bytes = score_batches(model, objective, batches, dataset.frame_bits, depth)
+    if fewer:
+        _uncounted_passes(model, objective, next(dataset.val_batches(batch_size, 1)), fewer)
+    if world.group:
+        total, n_bytes, depth.sum, depth.bytes = world.sum(
+            [bpb * n_bytes if n_bytes else 0.0, n_bytes, depth.sum, depth.bytes])
+        n_bytes, depth.bytes = int(n_bytes), int(depth.bytes)
+        bpb = total / n_bytes if n_bytes else float("nan")
     if n_bytes == 0:
         raise BitlmError("the held-out split holds no whole window; lower data.seq_len")
     out = {"bits_per_byte": bpb, "bytes": n_bytes, "bound": bool(objective.is_bound)}
     if depth.mean is not None:
         out["act_blocks"] = depth.mean
     return out
+
+
+@torch.no_grad()
+def _uncounted_passes(model, objective, batch, n: int) -> None:
+    """Forward passes whose result is dropped: a sharded model gathers its weights in every
+    pass, so a process with a batch fewer than the others runs one anyway."""
+    with eval_mode(model):
+        for _ in range(n):
+            objective(model, batch.to(model_device(model)))
 
 
 def window_plan(n_frames: int, window: int, stride: int) -> list[tuple[int, int]]:

@@ -9,6 +9,11 @@ growth, attention maps, the progress bar and the time limit are callbacks
 Reproducibility: the model is initialised from ``train.seed``; the batch of step ``s`` is drawn
 from a generator seeded with ``(seed, s)`` and dropout from ``seed`` and ``s`` too, so a run
 resumed from a checkpoint continues exactly as if it had never stopped.
+
+In several processes (:mod:`bitlm_core.engine.distributed`) each takes its own rows of the
+windows drawn for the step (the same for every process count) and its own dropout (rank 0's is
+one process's); the figures of each step are averaged over the processes, and they stop
+together.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 
 from bitlm_core.engine.compression import CompressionFeed, RoundTrip, compression_prob
 from bitlm_core.engine.device import grad_scaler, model_device
+from bitlm_core.engine.distributed import (SOLO, World, accumulating, full_weights, micro_batch,
+                                           save_sharded, wrap)
 from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
 from bitlm_core.engine.runtime import Interrupted, StepBoundary, signal_name
 from bitlm_core.engine.telemetry import Regularisers
@@ -71,6 +78,14 @@ class RunningMeans:
         return out
 
 
+def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
+    """torch's seed for the dropout of ``step`` in process ``rank``: every process draws its
+    own masks, and rank 0 draws those of a run in one process."""
+    if rank == 0:
+        return seed * 1_000_003 + step
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class Trainer:
     """Runs the optimizer steps of one run folder.
 
@@ -86,7 +101,7 @@ class Trainer:
                  telemetry: Mapping[str, Any] | None = None,
                  regularisers: Mapping[str, tuple[float, Any]] | None = None, scaling=None,
                  callbacks: Sequence[Any] = (), progress=None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, world: World = SOLO):
         self.spec, self.t = spec, spec.train
         self.model, self.objective, self.dataset = model, objective, dataset
         self.run_dir, self.meta = Path(run_dir), meta
@@ -97,18 +112,26 @@ class Trainer:
         self.scaling = scaling
         self.callbacks = list(callbacks)
         self.progress, self.log = progress, log
+        self.world, self.micro = world, micro_batch(spec, world.size)
+        # what a step calls: DDP around the model, or the model sharded by FSDP (in place,
+        # before the optimizer is built over its shards), or the model in one process
+        self.wrapped = wrap(model, world, self.t.precision)
         self.optimizer = make_optimizer(model, self.t)
         self.device = model_device(model)  # batches are moved here, once each
         self.scaler = grad_scaler(self.device, self.t.precision)  # fp16's; else does nothing
-        self.net = model  # what the objective calls: the model, or its compiled form
+        self.net = self.wrapped  # what the objective calls: the wrapped model, or compiled
         self.compile_seconds = 0.0
+        self.final_weights: dict[str, Any] | None = None  # the last save's whole weights
+        self.gathered = False  # they were gathered (rank 0 holds them, the others None)
+        self.ending = False  # the run's last steps are done: on_end is under way
         self.means = RunningMeans()
         self.metrics = MetricsLog(self.run_dir)
         self.stop_reason: str | None = None
 
     # -- what callbacks use -----------------------------------------------------------------
     def write_metrics(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
+        if self.world.main:  # rank 0 writes the run folder
+            self.metrics.write(record)
 
     def emit(self, event: str, state: TrainState, *args) -> None:
         """Call ``event`` (``on_step``, ``on_eval``, ...) of every callback, in order. An
@@ -130,13 +153,65 @@ class Trainer:
         self.stop_reason = self.stop_reason or reason
 
     def checkpoint(self, state: TrainState) -> Path:
+        """Save a checkpoint of ``state`` (every process calls it). Sharded (``fsdp``): each
+        process writes its shards, and at the end of the run (:attr:`ending`) rank 0 adds the
+        whole weights, which :attr:`final_weights` keeps for sampling; else rank 0 writes it.
+        It is complete, and ``latest`` names it, only once every process has written."""
+        whole = self.ending
         meta = self.meta(state)
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
-        path = save_checkpoint(self.run_dir, state.step, self.model, self.optimizer, meta,
-                               keep=self.spec.output.keep_checkpoints)
+        keep = self.spec.output.keep_checkpoints
+        if self.world.sharded:
+            path, weights = save_sharded(self.world, self.run_dir, state.step, self.model,
+                                         self.optimizer, meta, keep, whole)
+            if whole:
+                self.final_weights, self.gathered = weights, True
+        else:
+            from bitlm_core.store.checkpoint import step_path
+
+            path = step_path(self.run_dir, state.step)
+            if self.world.main:
+                path = save_checkpoint(self.run_dir, state.step, self.model, self.optimizer,
+                                       meta, keep=keep)
+            self.world.barrier("saving a checkpoint")
         self.emit("on_checkpoint", state, path)
         return path
+
+    def rewrap(self) -> None:
+        """After the model changed shape (a growth), under DDP: wrap it again (DDP's buckets
+        are built for the parameters it was given), and compile that when training compiles.
+        In one process nothing changes: a compiled model follows the model it compiles."""
+        import torch
+
+        if not (self.world.group and self.world.strategy == "ddp"):
+            return
+        self.wrapped = wrap(self.model, self.world, self.t.precision)
+        self.net = self.wrapped
+        if self.t.compile and self.wrapped is not self.model:
+            mode = "max-autotune" if self.t.compile == "max-autotune" else None
+            self.net = torch.compile(self.wrapped, mode=mode)
+
+    def release(self) -> None:
+        """Drop the wrapper (DDP) and compiled form of the model, before the process group is
+        destroyed: a DDP wrapper freed after it would take the group's last reference and
+        destroy it while holding the GIL, which gloo's threads may be waiting for."""
+        self.net = self.wrapped = self.model
+
+    def inference_model(self):
+        """A model for sampling at the end of the run: the trained model, or on rank 0 a
+        whole copy of a sharded one (collective under FSDP; the others get None)."""
+        world = self.world
+        if not (world.group and world.sharded):
+            return self.model
+        weights = self.final_weights if self.gathered else full_weights(self.model, world)
+        if not world.main:
+            return None
+        from bitlm_core.model import BitTransformerLM
+
+        whole = BitTransformerLM(self.model.cfg, self.model.blocks[0].attn.backend)
+        whole.load_state_dict(weights)
+        return whole.to(self.device)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, state: TrainState) -> TrainState:
@@ -144,30 +219,37 @@ class Trainer:
         callbacks' ``on_interrupt`` saves, then :class:`Interrupted` is raised."""
         self.model.train()
         self.stop_reason = None
-        if self.t.compile and self.net is self.model:
+        if self.t.compile and self.net is self.wrapped:
             self.compile(state)
         self.emit("on_fit_start", state)
         started, before = time.perf_counter(), state.elapsed
+        received = None
         with StepBoundary(self.log) as signals:
             try:
-                while (state.step < self.t.steps and self.stop_reason is None
-                       and signals.received is None):
+                while state.step < self.t.steps:
                     record = self.step(state)
                     state.step += 1
                     state.elapsed = before + time.perf_counter() - started
                     record.update(step=state.step, time=round(state.elapsed, 3))
                     self.emit("on_step", state, record)
+                    received, stopping = self.world.agree(  # every process stops at one step
+                        [signals.received or 0, self.stop_reason is not None])
+                    if received or stopping:
+                        break
             except KeyboardInterrupt:  # not held back (not the main thread): save what is
                 self.emit("on_interrupt", state)
                 raise
-            if signals.received is not None:
+            if received:
                 self.emit("on_interrupt", state)
-                raise Interrupted(signals.received, f"stopped at step {state.step} by "
-                                  f"{signal_name(signals.received)}; its checkpoint is saved: "
+                raise Interrupted(received, f"stopped at step {state.step} by "
+                                  f"{signal_name(received)}; its checkpoint is saved: "
                                   "run the same command again to resume")
+        self.ending = True
         self.emit("on_end", state)
-        if self.stop_reason:
-            self.log(f"stopped early at step {state.step}: {self.stop_reason}")
+        self.ending = False
+        if state.step < self.t.steps:
+            self.log(f"stopped early at step {state.step}: "
+                     f"{self.stop_reason or 'another process of the job stopped'}")
         return state
 
     def compile(self, state: TrainState) -> None:
@@ -183,24 +265,24 @@ class Trainer:
         try:
             warm_up = copy.deepcopy(self.objective)
         except Exception as exc:  # an objective holding what cannot be copied
-            self.net = torch.compile(self.model, mode=mode)
+            self.net = torch.compile(self.wrapped, mode=mode)
             self.log(f"train.compile: the objective cannot be copied for a warm-up "
                      f"({describe_exception(exc)[:200]}); the model compiles during the first "
                      "step, whose time then includes it")
             return
         started = time.perf_counter()
         try:
-            net = torch.compile(self.model, mode=mode)
+            net = torch.compile(self.wrapped, mode=mode)
             warm_up(net, self.batch(state.step, 0).bits).loss.backward()
         except Exception as exc:  # torch raises many kinds: a missing compiler, a backend's
             self.log(f"warning: train.compile: torch.compile failed, training eagerly "
                      f"instead ({describe_exception(exc)[:300]})")
-            net = self.model
+            net = self.wrapped
         finally:
             del warm_up
             self.optimizer.zero_grad(set_to_none=True)
         self.net = net
-        if net is not self.model:
+        if net is not self.wrapped:
             self.compile_seconds = time.perf_counter() - started
             self.log(f"compiled the model in {self.compile_seconds:.1f} s (not counted as "
                      "training time)")
@@ -211,14 +293,15 @@ class Trainer:
         lr = lr_at(state.step, self.t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(self.t.seed * 1_000_003 + state.step)
+        torch.manual_seed(dropout_seed(self.t.seed, state.step, self.world.rank))
         self.optimizer.zero_grad(set_to_none=True)
         n = self.t.grad_accum
         loss_sum, bpb_sum, n_compressed = 0.0, 0.0, 0
         for micro in range(n):
             batch = self.batch(state.step, micro)
-            out = self.objective(self.net, batch.bits)
-            self.scaler.scale(self.total_loss(batch, out, state.step) / n).backward()
+            with accumulating(self.wrapped, self.world, last=micro == n - 1):
+                out = self.objective(self.net, batch.bits)
+                self.scaler.scale(self.total_loss(batch, out, state.step) / n).backward()
             loss_sum += float(out.loss.detach())
             bpb_sum += out.bits_per_byte
             n_compressed += batch.trip is not None
@@ -226,14 +309,15 @@ class Trainer:
         grad_norm = clip_gradients(self.model, self.t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"loss": loss_sum / n, "bits_per_byte": bpb_sum / n, "lr": lr,
-                "grad_norm": grad_norm, "compressed_batches": n_compressed}
+        loss, bpb = self.world.mean([loss_sum / n, bpb_sum / n])  # of the whole step's windows
+        return {"loss": loss, "bits_per_byte": bpb, "lr": lr, "grad_norm": grad_norm,
+                "compressed_batches": n_compressed}
 
     # -- inside a step ----------------------------------------------------------------------
     def windows(self, step: int, micro: int):
         """(generator, windows) of a micro-batch: the same for a step whenever it is drawn."""
         rng = np.random.default_rng([self.t.seed, step, micro])
-        return rng, self.dataset.train_batch(rng, self.t.batch_size)
+        return rng, self.dataset.train_batch(rng, self.micro, (self.world.rank, self.world.size))
 
     def batch(self, step: int, micro: int) -> Batch:
         """The micro-batch's windows, through the codec and back when drawn for it."""

@@ -60,7 +60,7 @@ class BitTransformerLM(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.layout:
+        if cls.__dict__.get("layout"):  # a layout's own class (not, e.g., FSDP's subclass of it)
             BitTransformerLM.layouts[cls.layout] = cls
 
     def __new__(cls, *args, **kwargs):

@@ -7,6 +7,10 @@ Layout inside a run folder::
     checkpoints/step-000200/optimizer.safetensors  AdamW moments (tensors only)
     checkpoints/step-000200/state.json             step, model config, resolved spec, metrics,
                                                    optimizer hyper-parameters
+    checkpoints/step-000200/sharded/shard-*.safetensors   instead of the two files above, with
+                                                   distributed.strategy fsdp: each process's
+                                                   part (bitlm_core.store.sharded); the last
+                                                   checkpoint of a run adds model.safetensors
     checkpoints/step-000200/checksums.json         size and SHA-256 of each file above
     checkpoints/latest                             name of the newest complete step folder
 
@@ -25,11 +29,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from bitlm_core.errors import CheckpointError
 from bitlm_core.store.atomic import atomic_write_text, fsync_dir
 from bitlm_core.store.lock import checkpoint_lock
+from bitlm_core.store.sharded import shard_files
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
@@ -46,6 +52,11 @@ def step_of(folder: Path) -> int | None:
     """The step a checkpoint folder is named for (``step-001200`` -> 1200), else None."""
     match = STEP.fullmatch(folder.name)
     return int(match.group(1)) if match else None
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is (``checkpoints/step-000200``)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
 
 
 def step_folders(run_dir: Path) -> list[Path]:
@@ -96,58 +107,88 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict[str, 
     ``weights`` replaces the model's own state dict (a quantized run saves int8 tensors);
     ``weights_metadata`` goes into the safetensors header (strings only).
     """
+    tmp = temporary_folder(run_dir, step, os.getpid())
+    with saving(run_dir, step, tmp):
+        prepare_temporary(tmp)
+        write_weights(tmp, model, weights, weights_metadata)
+        groups: list[dict[str, Any]] = []
+        if optimizer is not None:
+            from safetensors.torch import save_file
+
+            tensors, groups = optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        return commit_checkpoint(run_dir, step, tmp, meta, groups, keep)
+
+
+def temporary_folder(run_dir: Path, step: int, pid: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete (``pid``: of the
+    process that commits it, so that two savers never share one)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-step-{step:06d}-{pid}"
+
+
+def prepare_temporary(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    remove_step_folder(tmp)
+    tmp.mkdir(exist_ok=True)
+
+
+def write_weights(tmp: Path, model, weights: dict[str, Any] | None = None,
+                  weights_metadata: dict[str, str] | None = None) -> None:
+    """``model.safetensors``: the model's weights (on the CPU), or ``weights`` instead."""
+    from safetensors.torch import save_file
+
+    if weights is None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
+
+
+@contextmanager
+def saving(run_dir: Path, step: int, tmp: Path) -> Iterator[None]:
+    """Inside: a failure to write (a full disk, a folder gone read-only...) removes what was
+    written of ``tmp`` and becomes a CheckpointError saying the previous checkpoint is
+    intact."""
     from safetensors import SafetensorError
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    name = f"step-{step:06d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
     try:
-        return _save(root, name, tmp, model, optimizer, meta, keep, weights, weights_metadata,
-                     step)
-    except (OSError, SafetensorError) as exc:  # a full disk, a folder gone read-only...
+        yield
+    except (OSError, SafetensorError) as exc:
         try:
             remove_step_folder(tmp)
         except OSError:
             pass
         previous = latest_checkpoint(Path(run_dir))
         kept = f"; {previous.name} is intact" if previous is not None else ""
-        raise CheckpointError(f"cannot write the checkpoint of step {step} in {root}: "
+        raise CheckpointError(f"cannot write the checkpoint of step {step} in "
+                              f"{Path(run_dir) / CHECKPOINTS_DIR}: "
                               f"{getattr(exc, 'strerror', None) or exc}{kept}. Free some "
                               "space and run again to resume") from None
 
 
-def _save(root: Path, name: str, tmp: Path, model, optimizer, meta, keep, weights,
-          weights_metadata, step) -> Path:
-    from safetensors.torch import save_file
-
-    run_dir = root.parent
-    root.mkdir(parents=True, exist_ok=True)
-    remove_step_folder(tmp)
-    tmp.mkdir(exist_ok=True)
-    if weights is None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
-    groups: list[dict[str, Any]] = []
-    if optimizer is not None:
-        tensors, groups = optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path, meta: dict[str, Any],
+                      groups: list[dict[str, Any]], keep: int) -> Path:
+    """Complete a checkpoint whose tensors are in ``tmp``: state.json, checksums of every
+    file, fsync, the rename into ``step-NNNNNN``, ``latest``, and the pruning of the oldest
+    folders beyond ``keep``. Call it inside :func:`saving`."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = step_path(run_dir, step)
+    name = final.name
     state = {"format": FORMAT, "version": VERSION, "step": step,
              "optimizer_param_groups": groups, **meta}
     (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-    sums = {f: file_digest(tmp / f) for f in FILES if (tmp / f).is_file()}
+    sums = {f: file_digest(tmp / f) for f in payload_names(tmp)}
     (tmp / CHECKSUMS).write_text(json.dumps({"format": "bitlm-checksums", "files": sums},
                                             indent=2), encoding="utf-8")
-    for f in tmp.iterdir():
+    for f in [tmp / CHECKSUMS, *(tmp / n for n in sums)]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    final = root / name
     with checkpoint_lock(run_dir, shared=False):
         remove_step_folder(final)
         if final.exists():  # it holds something bitlm did not write: move in beside it, one
-            for name in (*FILES, CHECKSUMS):  # file at a time, the checksums last
-                if (tmp / name).is_file():
-                    os.replace(tmp / name, final / name)
-            tmp.rmdir()
+            names = payload_names(tmp)  # file at a time, the checksums last
+            for entry in (*names, CHECKSUMS):
+                (final / entry).parent.mkdir(exist_ok=True)
+                os.replace(tmp / entry, final / entry)
+            remove_step_folder(tmp)
         else:
             os.replace(tmp, final)
         fsync_dir(root)
@@ -157,17 +198,38 @@ def _save(root: Path, name: str, tmp: Path, model, optimizer, meta, keep, weight
     return final
 
 
+def payload_names(folder: Path) -> list[str]:
+    """The files of a checkpoint folder that its checksums cover, as relative names: those of
+    :data:`FILES` that are there, and the shards of a sharded save."""
+    from bitlm_core.store.sharded import SHARDED_DIR
+
+    names = [f for f in FILES if (folder / f).is_file()]
+    return names + [f"{SHARDED_DIR}/{p.name}" for p in shard_files(folder)]
+
+
+def is_payload_name(name: str) -> bool:
+    from bitlm_core.store.sharded import SHARD_FILE, SHARDED_DIR
+
+    head, _, tail = name.partition("/")
+    return name in FILES or (head == SHARDED_DIR and SHARD_FILE.fullmatch(tail) is not None)
+
+
 def remove_step_folder(folder: Path) -> None:
     """Delete a checkpoint folder's files (only the ones bitlm writes), then the folder if
     that left it empty."""
+    from bitlm_core.store.sharded import SHARDED_DIR
+
     if not folder.is_dir():
         return
     for name in (*FILES, CHECKSUMS):
         (folder / name).unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:  # something bitlm did not write is in it: leave it
-        pass
+    for shard in shard_files(folder):
+        shard.unlink(missing_ok=True)
+    for empty in (folder / SHARDED_DIR, folder):
+        try:
+            empty.rmdir()
+        except OSError:  # something bitlm did not write is in it (or it is not there): leave it
+            pass
 
 
 def remove_temporary_folders(run_dir: Path) -> int:
@@ -183,7 +245,9 @@ def remove_temporary_folders(run_dir: Path) -> int:
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / "state.json").is_file() and (folder / "model.safetensors").is_file()
+    """A folder with a state.json and weights: whole (model.safetensors) or sharded."""
+    return (folder / "state.json").is_file() and ((folder / "model.safetensors").is_file()
+                                                  or bool(shard_files(folder)))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -213,7 +277,7 @@ def damage(folder: Path) -> Optional[str]:
         try:
             files = _read_json(folder / CHECKSUMS)["files"]
             for name, expected in files.items():
-                if name not in FILES:
+                if not is_payload_name(name):
                     return f"{CHECKSUMS} names an unknown file {name[:40]!r}"
                 path = folder / name
                 if not path.is_file():
@@ -286,7 +350,7 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / 'state.json'} has step {str(step)[:40]!r}, not a "
                               "step count; the file is damaged")
     for key, kind in (("elapsed", (int, float)), ("metrics", dict), ("model_config", dict),
-                      ("optimizer_param_groups", list)):
+                      ("optimizer_param_groups", list), ("processes", int)):
         value = state.get(key)
         if key in state and (isinstance(value, bool) or not isinstance(value, kind)):
             raise CheckpointError(f"{ckpt / 'state.json'} has a {key} of the wrong type; the "
@@ -299,6 +363,10 @@ def weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     tensor is loaded)."""
     from safetensors import SafetensorError, safe_open
 
+    if not (ckpt / "model.safetensors").is_file() and shard_files(ckpt):
+        from bitlm_core.store import sharded
+
+        return sharded.weight_shapes(ckpt)
     try:
         with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -313,12 +381,17 @@ def load_weights(ckpt: Path, model) -> None:
     from bitlm_core.store.quantized import METADATA_KEY, SCHEME, dequantize_state
 
     path = str(ckpt / "model.safetensors")
-    try:
-        with safe_open(path, framework="pt") as f:
-            scheme = (f.metadata() or {}).get(METADATA_KEY)
-        weights = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
+    if not (ckpt / "model.safetensors").is_file() and shard_files(ckpt):
+        from bitlm_core.store.sharded import consolidated_weights
+
+        weights, scheme = consolidated_weights(ckpt, model), None  # shards, in one process
+    else:
+        try:
+            with safe_open(path, framework="pt") as f:
+                scheme = (f.metadata() or {}).get(METADATA_KEY)
+            weights = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
     if scheme == SCHEME:
         weights = dequantize_state(weights, str(ckpt))
     elif scheme is not None:

@@ -176,6 +176,11 @@ def check_writable(run_dir: Path) -> None:
                               "or bitlm checkpoints); choose another folder with --out")
 
 
+#: spec keys a run may be resumed with changed: where it is written and how its processes
+#: talk, not what it trains
+RESUMABLE_CHANGES = ("distributed.backend", "distributed.timeout_minutes")
+
+
 def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
     """Create or check the run folder; True when it holds a checkpoint to resume from.
 
@@ -197,7 +202,8 @@ def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:
     saved = run_dir / SPEC_FILE
     if saved.is_file() and is_run_folder(run_dir):
         previous = read_run_spec(run_dir).to_dict()
-        diff = [k for k in _diff_keys(previous, spec.to_dict()) if not k.startswith("output.")]
+        diff = [k for k in _diff_keys(previous, spec.to_dict())
+                if not k.startswith("output.") and k not in RESUMABLE_CHANGES]
         if diff:
             raise CheckpointError(
                 f"run folder {run_dir} holds a run of a different spec (differs at: "
