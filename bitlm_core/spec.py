@@ -268,6 +268,15 @@ class RunSpec(Strict):
                                        "from plugins, run after bitlm's own")
 
     @model_validator(mode="after")
+    def _global_batch_divides(self):
+        g, accum = self.distributed.global_batch, self.train.grad_accum
+        if g is not None and g % accum:
+            raise ValueError(f"distributed.global_batch={g} is not a multiple of "
+                             f"train.grad_accum={accum}: each process's micro-batch is "
+                             "global_batch / (processes x grad_accum)")
+        return self
+
+    @model_validator(mode="after")
     def _fsdp_can_shard(self):
         """What FSDP cannot shard, refused before anything starts (see :data:`NOT_SHARDED`)."""
         if self.distributed.strategy == "fsdp":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,12 +126,14 @@ def job_spec(tiny_spec):
 
 
 @pytest.mark.jobs
-def test_a_ddp_job_follows_the_loss_curve_of_one_process(job_spec, tmp_path):
+@pytest.mark.parametrize("model", [{}, {"reversible": True}], ids=["plain", "reversible"])
+def test_a_ddp_job_follows_the_loss_curve_of_one_process(job_spec, tmp_path, model):
     """2 processes x 2 windows x 2 accumulated = one process x 4 windows x 2 accumulated: the
-    same windows, gradients averaged by DDP (no_sync during accumulation)."""
+    same windows, gradients averaged by DDP (no_sync during accumulation; reversible blocks
+    need DDP's static graph, which synchronises every micro-batch)."""
     from bitlm_core.app.run import execute
 
-    spec = job_spec("ddp", steps=6)
+    spec = job_spec("ddp", steps=6, model=model)
     code, out, err = finish(bitlm("run", str(spec), "-q", "--out", str(tmp_path / "two"),
                                   nproc=2))
     assert code == 0, err[-3000:]
@@ -239,6 +242,18 @@ def test_a_killed_process_ends_the_job_and_the_same_command_resumes_it(job_spec,
     assert code == 0, err[-2000:]
 
 
+@pytest.mark.jobs
+def test_bad_input_in_a_job_is_one_message_and_exit_status_2(job_spec, tmp_path):
+    spec = job_spec("ddp", data={"corpus": {"name": "file",
+                                            "options": {"path": str(tmp_path / "gone.txt")}}})
+    code, _, err = finish(bitlm("run", str(spec), "-q", "--out", str(tmp_path / "r"), nproc=2))
+    assert code == 2, err[-3000:]
+    assert "error: rank 0:" in err and "gone.txt" in err  # rank 0 says why
+    assert "rank 0 stopped while opening the run folder" in err  # the other, briefly
+    assert "Run the same command again" not in err and "interrupted" not in err
+    assert not (tmp_path / "r").exists()
+
+
 # -- in one process -------------------------------------------------------------------------
 def test_fsdp_in_one_process_saves_the_sharded_format_and_keeps_what_bitlm_did_not_write(
         job_spec, tmp_path):
@@ -257,9 +272,21 @@ def test_fsdp_in_one_process_saves_the_sharded_format_and_keeps_what_bitlm_did_n
     last.joinpath("sharded", shard.name).write_bytes(bytes(raw))
     assert "does not match its checksum" in damage(last)
     assert usable_checkpoint(run, lambda m: None) == first  # the damaged one is skipped
+    (last / "checksums.json").unlink()  # a sharded checkpoint is trusted with its checksums
+    assert "checksums.json is missing" in damage(last)
+    # a .safetensors file of someone else's beside the shards is not read as one of them
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.store.checkpoint import load_weights
+
+    model = load_run(run, log=lambda m: None).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (first / "sharded" / "zz-mine.safetensors").write_bytes(raw)
+    load_weights(first, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     (first / "sharded" / "notes.txt").write_text("mine")
     remove_step_folder(first)
     assert (first / "sharded" / "notes.txt").read_text() == "mine"
+    assert (first / "sharded" / "zz-mine.safetensors").read_bytes() == raw
     assert not shard.exists() and not (first / "state.json").exists()
 
 
@@ -303,8 +330,9 @@ def test_fsdp_refuses_what_it_cannot_shard_with_one_message(setting, key):
 
 
 def test_bad_launches_each_get_one_clear_message(monkeypatch):
-    import torch
-
+    with pytest.raises(SpecError, match="global_batch=6 is not a multiple of "
+                                        "train.grad_accum=4"):
+        load_spec(None, ["distributed.global_batch=6", "train.grad_accum=4"])
     spec = load_spec(None, ["distributed.global_batch=6"])
     with pytest.raises(SpecError, match=r"global_batch=6 does not divide into 4 processes x "
                                         r"train.grad_accum=1; use a multiple of 4"):
@@ -343,6 +371,12 @@ def test_nproc_needs_a_strategy_and_is_refused_inside_a_job(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["run", "--nproc", "2"])
     assert result.exit_code == 2 and "distributed.strategy is none" in result.output
+    result = runner.invoke(app, ["run", "--nproc", "2", "-o", "distributed.strategy=ddp",
+                                 "-o", "attention.name=nosuch"])  # refused before launching
+    assert result.exit_code == 2 and "nosuch" in result.output
+    result = runner.invoke(app, ["run", "--nproc", "3", "-o", "distributed.strategy=ddp",
+                                 "-o", "distributed.global_batch=8"])
+    assert result.exit_code == 2 and "does not divide into 3 processes" in result.output
     result = runner.invoke(app, ["run", "--nproc", "2", "-o", "distributed.strategy=ddp"],
                            env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert result.exit_code == 2 and "drop --nproc" in result.output

@@ -68,6 +68,18 @@ def test_pruning_keeps_the_newest_checkpoints_across_the_digit_boundary(tmp_path
     assert latest_checkpoint(tmp_path).name == "step-1000001"
 
 
+def test_pruning_counts_checkpoints_only_and_never_the_one_just_written(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    theirs = tmp_path / "checkpoints" / "step-999999"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")  # a step folder holding no checkpoint
+    for step in (5, 6):
+        save_checkpoint(tmp_path, step, model, None, {}, keep=1)
+        assert latest_checkpoint(tmp_path).name == f"step-{step:06d}"
+    assert [p.name for p in step_folders(tmp_path)] == ["step-000006", "step-999999"]
+    assert (theirs / "notes.txt").read_text() == "mine"
+
+
 # -- item 3: one run per folder -----------------------------------------------------------------
 def test_a_second_run_on_a_folder_in_use_stops_at_once_naming_the_holder(tmp_path, tiny_spec):
     spec = tiny_spec(steps=2)

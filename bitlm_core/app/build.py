@@ -130,14 +130,21 @@ def training_memory(spec: RunSpec, comps: Components) -> dict[str, int]:
     return {"parameters": 16 * n_params, "activations": 4 * B * T * per_position}
 
 
-def check_memory(spec: RunSpec, comps: Components, training: bool = True) -> None:
+def check_memory(spec: RunSpec, comps: Components, training: bool = True,
+                 processes: int = 1, shards: int = 1, micro: int | None = None) -> None:
     """A SpecError when ``spec``'s model cannot fit this machine's memory, naming the figure
     and what to lower (before anything is built or written). ``training``: a whole training
-    step (:func:`training_memory`); else the weights alone, 4 bytes per parameter."""
+    step (:func:`training_memory`); else the weights alone, 4 bytes per parameter.
+
+    A job: ``processes`` of it on this machine, its parameters and optimizer state split into
+    ``shards`` (FSDP), ``micro`` windows in each process's micro-batch."""
     available = physical_memory()
     if available is None:
         return
     need = training_memory(spec, comps)
+    if micro is not None:
+        need["activations"] = need["activations"] * micro // spec.train.batch_size
+    need = {k: v * processes // (shards if k == "parameters" else 1) for k, v in need.items()}
     if not training:
         if need["parameters"] // 4 > available:
             raise SpecError(f"this spec's model has {need['parameters'] // 16:,} parameters, "
@@ -148,10 +155,12 @@ def check_memory(spec: RunSpec, comps: Components, training: bool = True) -> Non
     if total <= available:
         return
     shown = {k: f"{v / 2**30:,.1f} GiB" for k, v in need.items()}
+    each = micro or spec.train.batch_size
+    job = f" in its {processes} processes on this machine" if processes > 1 else ""
     raise SpecError(f"one training step of this spec needs about {total / 2**30:,.1f} GiB of "
-                    f"memory ({shown['parameters']} for parameters and optimizer state, "
-                    f"{shown['activations']} for activations of train.batch_size="
-                    f"{spec.train.batch_size} x data.seq_len={spec.data.seq_len}), and this "
+                    f"memory{job} ({shown['parameters']} for parameters and optimizer state, "
+                    f"{shown['activations']} for activations of {each} windows x "
+                    f"data.seq_len={spec.data.seq_len}), and this "
                     f"machine has {available / 2**30:,.1f} GiB. Lower train.batch_size (and "
                     "raise train.grad_accum to keep the batch), data.seq_len or the model's "
                     "size; attention: {name: sdpa} needs no attention maps")

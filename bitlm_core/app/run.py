@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,16 +41,15 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
     Under torchrun every process calls it: rank 0 prepares and writes the run folder (and
     returns the summary), the others train beside it and return None."""
     comps = Components.build(spec)
-    check_memory(comps.spec, comps)
     world, device = start(comps.spec, placement(comps.spec))
     try:
+        check_job_memory(comps, world.size)
         if not world.main:  # rank 0 alone logs, shows progress and prints
             log, progress = (lambda message: None), None
         run_dir = Path(run_dir or comps.spec.run_dir())
-        # a corpus that cannot be used leaves no folder behind; the folder is checked before
-        # anything is written, the lock file included
-        corpus = world.on_main("reading the corpus", lambda: _new_folder(comps, run_dir))
-        with signals_as_interrupts(), (run_lock(run_dir) if world.main else nullcontext()):
+        with signals_as_interrupts(), ExitStack() as lock:
+            corpus = world.on_main("opening the run folder",
+                                   lambda: _open_folder(comps, run_dir, lock))
             trainer, state, train_text = open_run(comps, run_dir, restart, log, progress,
                                                   corpus, device, world)
             try:
@@ -67,10 +66,25 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
         stop(world)
 
 
-def _new_folder(comps: Components, run_dir: Path) -> bytes:
+def check_job_memory(comps: Components, processes: int) -> None:
+    """The memory check for a job of ``processes`` (those on this machine counted: torchrun's
+    LOCAL_WORLD_SIZE), FSDP's shards and each process's micro-batch taken into account."""
+    import os
+
+    spec = comps.spec
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes)) if processes > 1 else 1
+    check_memory(spec, comps, processes=local,
+                 shards=processes if spec.distributed.strategy == "fsdp" else 1,
+                 micro=micro_batch(spec, processes))
+
+
+def _open_folder(comps: Components, run_dir: Path, lock: ExitStack) -> bytes:
+    """Rank 0's first work: read the corpus (a corpus that cannot be used leaves no folder
+    behind), check and create the folder, and take its run lock (held by ``lock``)."""
     corpus = read_corpus(comps)
-    check_writable(run_dir)
+    check_writable(run_dir)  # before anything is written, the lock file included
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock.enter_context(run_lock(run_dir))
     return corpus
 
 

@@ -48,6 +48,10 @@ def user_errors():
     except BitlmError as exc:
         if _state["debug"]:
             raise
+        from bitlm_core.engine.runtime import ignore_stop_signals
+
+        ignore_stop_signals()  # the process ends with this message: a SIGTERM (a job's
+        # launcher stopping the other processes) must not replace it with "interrupted"
         err.print(f"[bold red]error:[/] {escape(_process() + str(exc))}", markup=True,
                   soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None

@@ -8,6 +8,7 @@ The launcher runs in this process; each worker is ``python -m bitlm_core run ...
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,21 @@ def worker_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def consequence(code: int) -> bool:
+    """Whether a worker's exit looks like the result of another's failure: stopped by the
+    launcher (SIGTERM), or ended by bitlm on losing a peer (exit status 1)."""
+    return code in (1, -signal.SIGTERM)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for the job's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -51,22 +67,26 @@ def launch(nproc: int, args: Sequence[str]) -> int:
 
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun does; train.threads chooses
+    # the launcher's own log lines (which worker failed, with tracebacks): said below instead
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # a static rendezvous on the loopback interface: one machine, and no rendezvous state that
+    # a peer on the network could send (the dynamic one is exchanged as pickles)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          run_id=str(uuid.uuid4()), max_restarts=0,
+                          rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          rdzv_configs={"rank": 0}, run_id=str(uuid.uuid4()), max_restarts=0,
                           shutdown_timeout=SHUTDOWN_SECONDS)
     try:
         elastic_launch(config, sys.executable)("-m", "bitlm_core", *args)
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
-        rank, first = min(failures, key=lambda kv: kv[1].timestamp)
-        codes = {f.exitcode for _, f in failures}
-        if codes <= {2}:  # bad input: each worker said why, with exit status 2
+        if any(f.exitcode == 2 for _, f in failures):  # bad input: the worker said why
             return 2
+        rank, first = min(failures, key=lambda kv: (consequence(kv[1].exitcode),
+                                                     kv[1].timestamp, kv[0]))
         others = [f"rank {r} {describe_exit(f.exitcode)}" for r, f in failures if r != rank]
         err.print(f"[bold red]error:[/] the job of {nproc} processes ended: rank {rank} "
-                  f"{describe_exit(first.exitcode)} first"
-                  + (f" ({', '.join(others)})" if others else "")
+                  f"{describe_exit(first.exitcode)}"
+                  + (f" (then {', '.join(others)})" if others else "")
                   + ". Run the same command again to resume from the last complete "
                   "checkpoint.", markup=True, soft_wrap=True)
         return first.exitcode if first.exitcode > 0 else 128 - first.exitcode

@@ -51,6 +51,10 @@ def run(
             raise SpecError(f"--nproc {nproc} trains in {nproc} processes, and the spec's "
                             "distributed.strategy is none; set it to ddp or fsdp, e.g. "
                             "-o distributed.strategy=ddp")
+        from bitlm_core.app.run import check_job_memory
+        from bitlm_core.components import Components
+
+        check_job_memory(Components.build(run_spec), nproc)  # what every worker would refuse
         raise typer.Exit(launch(nproc, worker_args(sys.argv[1:])))
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)

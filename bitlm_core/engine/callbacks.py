@@ -21,7 +21,10 @@ every checkpoint saves):
     after the last step, or after a step at which a callback called ``request_stop``.
 
 Callbacks run in the order they are given; bitlm's own come first (:data:`BUILTIN`) and a
-spec's ``callbacks`` follow. Building one must be cheap and do nothing: do the work in the
+spec's ``callbacks`` follow. In a job of several processes every process runs every callback
+(a sharded model needs all of them in each forward pass); ``trainer.world.main`` is true in the
+one process that writes files, and ``trainer.write_metrics`` and ``trainer.log`` already write
+only there. Building one must be cheap and do nothing: do the work in the
 events. Plugins provide callbacks through the ``bitlm_callbacks`` hook.
 """
 
@@ -66,12 +69,17 @@ class Callback:
 
 class TrainLog(Callback):
     """``log``: every ``train.log_every`` steps, a ``train`` record with the step's figures and
-    the means of the batches since the previous one (``raw/loss``, ``compressed/ratio``...)."""
+    the means of the batches since the previous one (``raw/loss``, ``compressed/ratio``...),
+    over every process of a job."""
 
     def on_step(self, trainer, state, record):
         t = trainer.spec.train
         if due(state.step, t.log_every, t.steps):
-            trainer.write_metrics({"split": "train", **record, **trainer.means.drain()})
+            means = trainer.means.drain()
+            world = getattr(trainer, "world", SOLO)
+            if world.group:
+                means = world.mean_of(means)
+            trainer.write_metrics({"split": "train", **record, **means})
 
 
 class Evaluation(Callback):
@@ -228,7 +236,7 @@ class Telemetry(Callback):
         val_bits = next(trainer.dataset.val_batches(trainer.t.batch_size, 1))
         values = {**self.values(trainer, train_bits, "train"),
                   **self.values(trainer, val_bits, "val")}
-        names = sorted(values)  # in several processes: the mean over their training rows
+        names = list(values)  # in several processes: the mean over their training rows
         return dict(zip(names, getattr(trainer, "world", SOLO).mean([values[k] for k in names])))
 
     @staticmethod

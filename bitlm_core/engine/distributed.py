@@ -88,6 +88,19 @@ class World:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def mean_of(self, figures: Mapping[str, float]) -> dict[str, float]:
+        """``figures`` averaged over the processes when every process has the same names
+        (checked first: a collective over lists of different lengths would never end);
+        else this process's own."""
+        import zlib
+
+        names = list(figures)
+        key = zlib.crc32("\n".join(names).encode())
+        high, low = self.agree([key, -key])
+        if high != -low:
+            return dict(figures)
+        return dict(zip(names, self.mean([figures[k] for k in names])))
+
     def agree(self, values: Sequence[int]) -> list[int]:
         """The largest of each value over the processes (a flag raised by any is raised for
         all; a signal number received by any is received by all)."""
@@ -324,6 +337,9 @@ def accumulating(net, world: World, last: bool) -> Iterator[None]:
             net.set_requires_gradient_sync(True)
         yield
         return
+    if world.strategy == "ddp" and getattr(net, "static_graph", False):
+        yield  # a static graph (reversible blocks) cannot skip a synchronisation: every
+        return  # micro-batch's gradients are averaged, which gives the same sum
     if world.strategy == "ddp":
         with net.no_sync():
             yield
@@ -366,14 +382,16 @@ def save_sharded(world: World, run_dir, step: int, model, optimizer, meta: dict[
     world.barrier("preparing a checkpoint")
     try:
         save_shards(tmp, flat)
-    except Exception as exc:  # DCP tells every process when one could not write
+    except BaseException as exc:  # DCP tells every process when one could not write (its
+        if not isinstance(exc, (Exception, dcp_failure())):  # CheckpointException is a
+            raise  # BaseException); a signal or exit goes on as it is
         if lost_process(exc):
             raise lost(exc, "saving a checkpoint") from None
         if world.main:
             remove_step_folder(tmp)
         raise CheckpointError(f"cannot write the shards of step {step} in {tmp.parent}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else exc!r}. "
-                              "Free some space and run again to resume") from None
+                              f"{first_failure(exc)}. Free some space and run again to "
+                              "resume") from None
     del flat
     weights = full_weights(model, world) if whole else None
     path = step_path(run_dir, step)
@@ -385,6 +403,26 @@ def save_sharded(world: World, run_dir, step: int, model, optimizer, meta: dict[
             path = commit_checkpoint(run_dir, step, tmp, meta, groups, keep)
     world.barrier("completing a checkpoint")
     return path, weights
+
+
+def dcp_failure() -> type:
+    """The exception torch.distributed.checkpoint raises when a process failed to save or
+    load (a BaseException, so ``except Exception`` misses it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def first_failure(exc: BaseException) -> str:
+    """What went wrong, in a line: the first process's error of a DCP failure, else ``exc``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, cause = sorted(failures.items())[0]
+        inner = cause[0] if isinstance(cause, tuple) else cause  # DCP: (error, its stack)
+        text = getattr(inner, "strerror", None) or str(inner)
+        return f"rank {rank}: {text.splitlines()[0][:200] if text else type(inner).__name__}"
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @contextmanager

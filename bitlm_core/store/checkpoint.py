@@ -184,7 +184,9 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, meta: dict[str, Any],
     with checkpoint_lock(run_dir, shared=False):
         remove_step_folder(final)
         if final.exists():  # it holds something bitlm did not write: move in beside it, one
-            names = payload_names(tmp)  # file at a time, the checksums last
+            # file at a time, state.json and then the checksums last (a folder is complete
+            # with a state.json, and sharded ones are trusted only with their checksums)
+            names = sorted(payload_names(tmp), key=lambda n: n == "state.json")
             for entry in (*names, CHECKSUMS):
                 (final / entry).parent.mkdir(exist_ok=True)
                 os.replace(tmp / entry, final / entry)
@@ -193,8 +195,10 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, meta: dict[str, Any],
             os.replace(tmp, final)
         fsync_dir(root)
         atomic_write_text(root / LATEST, name + "\n")
-        for old in step_folders(run_dir)[:-keep]:
-            remove_step_folder(old)
+        complete = [f for f in step_folders(run_dir) if is_complete(f)]
+        for old in complete[:-keep]:  # a folder of someone else's files is not counted, and
+            if old != final:  # the checkpoint just written is never pruned
+                remove_step_folder(old)
     return final
 
 
@@ -273,6 +277,8 @@ def damage(folder: Path) -> Optional[str]:
     """
     if not is_complete(folder):
         return "its files are missing"
+    if shard_files(folder) and not (folder / CHECKSUMS).is_file():
+        return f"its {CHECKSUMS} is missing (bitlm writes one with every sharded checkpoint)"
     if (folder / CHECKSUMS).is_file():
         try:
             files = _read_json(folder / CHECKSUMS)["files"]

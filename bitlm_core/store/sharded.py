@@ -83,9 +83,16 @@ def save_shards(folder: Path, flat: dict[str, Any]) -> None:
 
 
 def _reader(folder: Path):
+    """DCP's safetensors reader over the shards bitlm wrote, and nothing else: it would read
+    every ``*.safetensors`` file of the folder, and one put there by someone else must not
+    change the weights."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    return HuggingFaceStorageReader(str(Path(folder) / SHARDED_DIR))
+    reader = HuggingFaceStorageReader(str(Path(folder) / SHARDED_DIR))
+    listing = reader.fs.ls
+    reader.fs.ls = lambda path: [p for p in listing(path)
+                                 if SHARD_FILE.fullmatch(Path(str(p)).name)]
+    return reader
 
 
 def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -127,10 +134,12 @@ def _load(folder: Path, flat: dict[str, Any], what: str) -> dict[str, Any]:
                               "built from the spec; resume with the spec the run was trained "
                               "with, or start again with --restart")
     present = {k: v for k, v in flat.items() if k in shapes}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with _quiet():
             dcp.load(present, storage_reader=_reader(folder))
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise CheckpointError(f"cannot read the shards of {folder}: "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return present
