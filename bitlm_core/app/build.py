@@ -155,11 +155,13 @@ def check_memory(spec: RunSpec, comps: Components, training: bool = True,
     if total <= available:
         return
     shown = {k: f"{v / 2**30:,.1f} GiB" for k, v in need.items()}
-    each = micro or spec.train.batch_size
+    g = spec.distributed.global_batch
+    each = (f"train.batch_size={spec.train.batch_size}" if g is None or micro is None else
+            f"{micro} windows (distributed.global_batch={g} shared)")
     job = f" in its {processes} processes on this machine" if processes > 1 else ""
     raise SpecError(f"one training step of this spec needs about {total / 2**30:,.1f} GiB of "
                     f"memory{job} ({shown['parameters']} for parameters and optimizer state, "
-                    f"{shown['activations']} for activations of {each} windows x "
+                    f"{shown['activations']} for activations of {each} x "
                     f"data.seq_len={spec.data.seq_len}), and this "
                     f"machine has {available / 2**30:,.1f} GiB. Lower train.batch_size (and "
                     "raise train.grad_accum to keep the batch), data.seq_len or the model's "
