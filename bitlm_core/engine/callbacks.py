@@ -236,8 +236,7 @@ class Telemetry(Callback):
         val_bits = next(trainer.dataset.val_batches(trainer.t.batch_size, 1))
         values = {**self.values(trainer, train_bits, "train"),
                   **self.values(trainer, val_bits, "val")}
-        names = list(values)  # in several processes: the mean over their training rows
-        return dict(zip(names, getattr(trainer, "world", SOLO).mean([values[k] for k in names])))
+        return getattr(trainer, "world", SOLO).mean_of(values)  # over the processes' rows
 
     @staticmethod
     def values(trainer, bits, split: str) -> dict[str, float]:

@@ -78,14 +78,20 @@ class World:
         return [v / self.size for v in self.sum(values)]
 
     def sum(self, values: Sequence[float]) -> list[float]:
+        """The sum of each value over the processes."""
+        return [float(v) for v in self._all_reduce(values, "float64", "SUM", "summing figures")]
+
+    def _all_reduce(self, values: Sequence, dtype: str, op: str, what: str) -> list:
+        """``values`` reduced with ``op`` over the processes, as one tensor of ``dtype`` (the
+        values themselves in one process)."""
         import torch
         import torch.distributed as dist
 
         if not self.group:
-            return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm)
-        with collective("summing figures"):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return list(values)
+        t = torch.tensor(list(values), dtype=getattr(torch, dtype), device=self.comm)
+        with collective(what):
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def mean_of(self, figures: Mapping[str, float]) -> dict[str, float]:
@@ -104,15 +110,8 @@ class World:
     def agree(self, values: Sequence[int]) -> list[int]:
         """The largest of each value over the processes (a flag raised by any is raised for
         all; a signal number received by any is received by all)."""
-        import torch
-        import torch.distributed as dist
-
-        if not self.group:
-            return [int(v) for v in values]
-        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.comm)
-        with collective("agreeing on whether to stop"):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [int(v) for v in t.tolist()]
+        return [int(v) for v in self._all_reduce([int(v) for v in values], "int64", "MAX",
+                                                  "agreeing on whether to stop")]
 
     def broadcast(self, value: int) -> int:
         """Rank 0's ``value`` (an integer), on every process."""
@@ -398,8 +397,7 @@ def save_sharded(world: World, run_dir, step: int, model, optimizer, meta: dict[
     if world.main:
         with saving(run_dir, step, tmp):
             if weights is not None:
-                write_weights(tmp, None, weights={k: v.detach().contiguous().cpu()
-                                                  for k, v in weights.items()})
+                write_weights(tmp, None, weights)
             path = commit_checkpoint(run_dir, step, tmp, meta, groups, keep)
     world.barrier("completing a checkpoint")
     return path, weights

@@ -182,15 +182,15 @@ class Trainer:
         """After the model changed shape (a growth), under DDP: wrap it again (DDP's buckets
         are built for the parameters it was given), and compile that when training compiles.
         In one process nothing changes: a compiled model follows the model it compiles."""
-        import torch
-
         if not (self.world.group and self.world.strategy == "ddp"):
             return
         self.wrapped = wrap(self.model, self.world, self.t.precision)
-        self.net = self.wrapped
-        if self.t.compile and self.wrapped is not self.model:
-            mode = "max-autotune" if self.t.compile == "max-autotune" else None
-            self.net = torch.compile(self.wrapped, mode=mode)
+        self.net = self.compiled() if self.t.compile else self.wrapped
+
+    def compiled(self):
+        """``torch.compile`` of what a step calls, in ``train.compile``'s mode."""
+        return torch.compile(self.wrapped,
+                             mode="max-autotune" if self.t.compile == "max-autotune" else None)
 
     def release(self) -> None:
         """Drop the wrapper (DDP) and compiled form of the model, before the process group is
@@ -261,18 +261,17 @@ class Trainer:
         warning says why and training goes on eagerly."""
         import copy
 
-        mode = "max-autotune" if self.t.compile == "max-autotune" else None
         try:
             warm_up = copy.deepcopy(self.objective)
         except Exception as exc:  # an objective holding what cannot be copied
-            self.net = torch.compile(self.wrapped, mode=mode)
+            self.net = self.compiled()
             self.log(f"train.compile: the objective cannot be copied for a warm-up "
                      f"({describe_exception(exc)[:200]}); the model compiles during the first "
                      "step, whose time then includes it")
             return
         started = time.perf_counter()
         try:
-            net = torch.compile(self.wrapped, mode=mode)
+            net = self.compiled()
             warm_up(net, self.batch(state.step, 0).bits).loss.backward()
         except Exception as exc:  # torch raises many kinds: a missing compiler, a backend's
             self.log(f"warning: train.compile: torch.compile failed, training eagerly "

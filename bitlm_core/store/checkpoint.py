@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 from bitlm_core.errors import CheckpointError
 from bitlm_core.store.atomic import atomic_write_text, fsync_dir
 from bitlm_core.store.lock import checkpoint_lock
-from bitlm_core.store.sharded import shard_files
+from bitlm_core.store.sharded import is_sharded, shard_files
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
@@ -134,12 +134,12 @@ def prepare_temporary(tmp: Path) -> None:
 
 def write_weights(tmp: Path, model, weights: dict[str, Any] | None = None,
                   weights_metadata: dict[str, str] | None = None) -> None:
-    """``model.safetensors``: the model's weights (on the CPU), or ``weights`` instead."""
+    """``model.safetensors``: the model's weights, or ``weights`` instead (on the CPU)."""
     from safetensors.torch import save_file
 
-    if weights is None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata)
+    held = model.state_dict() if weights is None else weights
+    save_file({k: v.detach().contiguous().cpu() for k, v in held.items()},
+              str(tmp / "model.safetensors"), metadata=weights_metadata)
 
 
 @contextmanager
@@ -248,10 +248,15 @@ def remove_temporary_folders(run_dir: Path) -> int:
     return len(leftovers)
 
 
+def only_shards(folder: Path) -> bool:
+    """A sharded checkpoint without the whole weights (saved during an FSDP run)."""
+    return not (folder / "model.safetensors").is_file() and is_sharded(folder)
+
+
 def is_complete(folder: Path) -> bool:
     """A folder with a state.json and weights: whole (model.safetensors) or sharded."""
     return (folder / "state.json").is_file() and ((folder / "model.safetensors").is_file()
-                                                  or bool(shard_files(folder)))
+                                                  or is_sharded(folder))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -277,7 +282,7 @@ def damage(folder: Path) -> Optional[str]:
     """
     if not is_complete(folder):
         return "its files are missing"
-    if shard_files(folder) and not (folder / CHECKSUMS).is_file():
+    if is_sharded(folder) and not (folder / CHECKSUMS).is_file():
         return f"its {CHECKSUMS} is missing (bitlm writes one with every sharded checkpoint)"
     if (folder / CHECKSUMS).is_file():
         try:
@@ -369,7 +374,7 @@ def weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     tensor is loaded)."""
     from safetensors import SafetensorError, safe_open
 
-    if not (ckpt / "model.safetensors").is_file() and shard_files(ckpt):
+    if only_shards(ckpt):
         from bitlm_core.store import sharded
 
         return sharded.weight_shapes(ckpt)
@@ -387,7 +392,7 @@ def load_weights(ckpt: Path, model) -> None:
     from bitlm_core.store.quantized import METADATA_KEY, SCHEME, dequantize_state
 
     path = str(ckpt / "model.safetensors")
-    if not (ckpt / "model.safetensors").is_file() and shard_files(ckpt):
+    if only_shards(ckpt):
         from bitlm_core.store.sharded import consolidated_weights
 
         weights, scheme = consolidated_weights(ckpt, model), None  # shards, in one process
