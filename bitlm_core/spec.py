@@ -205,16 +205,22 @@ class DistributedSection(Strict):
     covers ``train.batch_size x train.grad_accum x processes`` windows, or ``global_batch``
     when that is set."""
 
-    strategy: Literal["none", "ddp", "fsdp"] = Field(
+    strategy: Literal["none", "ddp", "fsdp", "pipeline"] = Field(
         "none", description="none (one process), ddp (every process holds the model, "
-                            "gradients averaged) or fsdp (parameters, gradients and optimizer "
-                            "state sharded over the processes)")
+                            "gradients averaged), fsdp (parameters, gradients and optimizer "
+                            "state sharded over the processes) or pipeline (the blocks split "
+                            "into stages, one per process, micro-batches flowing through them)")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="the process group's backend; auto: nccl on CUDA, gloo on CPU")
     global_batch: Optional[int] = Field(
         None, ge=1, description="windows per optimizer step over all processes; each takes "
                                 "global_batch / (processes x train.grad_accum), which must be "
                                 "whole. Unset: train.batch_size per process")
+    stages: int = Field(2, ge=1, le=64, description="pipeline: stages the blocks are split into, "
+                                                  "one per process (--nproc must equal it)")
+    microbatches: int = Field(4, ge=1, le=1024,
+                              description="pipeline: micro-batches each batch is split into "
+                                          "(GPipe schedule); must divide the batch")
     timeout_minutes: float = Field(10.0, gt=0, le=24 * 60,
                                    description="how long a process waits for the others in "
                                                "one collective before the job ends")
@@ -247,6 +253,39 @@ NOT_SHARDED = (
     ("train.precision fp16", lambda s: s.train.precision == "fp16",
      "the fp16 gradient scaler does not run on sharded gradients; use bf16, which needs no "
      "scaler"),
+)
+
+
+def _regularises(s) -> bool:
+    metrics = s.telemetry.metrics
+    weighted = isinstance(metrics, list) and any(
+        isinstance(m.options.get("weight"), (int, float)) and m.options["weight"] > 0
+        for m in metrics)
+    return bool(s.telemetry.lambda_K or s.telemetry.lambda_S or weighted)
+
+
+#: (setting, whether a spec uses it, why the pipeline cannot train it): its last stage computes
+#: the next-bit cross-entropy of plain blocks, and nothing else.
+NOT_PIPELINED = (
+    ("an objective other than causal", lambda s: s.objective.name != "causal",
+     "the last stage computes the causal objective's next-bit cross-entropy itself; use "
+     "strategy ddp or fsdp for other objectives"),
+    ("model.reversible", lambda s: s.model.reversible,
+     "a stage boundary would cut the reversible stack; use model.checkpointing to save memory"),
+    ("model.act", lambda s: s.model.act.enabled,
+     "halting crosses the stages' boundary; use strategy ddp"),
+    ("scaling.strategy", lambda s: s.scaling.strategy is not None,
+     "growing the model would need new stages; use strategy ddp"),
+    ("train.precision fp16", lambda s: s.train.precision == "fp16",
+     "the fp16 gradient scaler would have to agree over the stages; use bf16"),
+    ("compression.prob > 0", lambda s: s.compression.prob > 0,
+     "compressed batches are not fed through the stages (nor direct mode's second pass); use "
+     "strategy ddp"),
+    ("telemetry regularisers", _regularises,
+     "a regulariser's loss needs the bit probabilities of the last stage back on the first; "
+     "log the metrics without a weight, or use strategy ddp"),
+    ("train.compile", lambda s: bool(s.train.compile),
+     "the stages run eagerly; set train.compile: false"),
 )
 
 
@@ -283,6 +322,27 @@ class RunSpec(Strict):
             for key, applies, why in NOT_SHARDED:
                 if applies(self):
                     raise ValueError(f"distributed.strategy fsdp cannot train with {key}: {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_can_stage(self):
+        """What the pipeline cannot train, refused before anything starts
+        (:data:`NOT_PIPELINED`), and batches that do not split into its micro-batches."""
+        d = self.distributed
+        if d.strategy != "pipeline":
+            return self
+        for key, applies, why in NOT_PIPELINED:
+            if applies(self):
+                raise ValueError(f"distributed.strategy pipeline cannot train with {key}: {why}")
+        if self.model.n_layers < d.stages:
+            raise ValueError(f"distributed.stages={d.stages} needs at least as many blocks; "
+                             f"model.n_layers is {self.model.n_layers}")
+        batch = (d.global_batch // self.train.grad_accum if d.global_batch is not None
+                 else self.train.batch_size)
+        if batch % d.microbatches:
+            raise ValueError(f"distributed.microbatches={d.microbatches} does not divide the "
+                             f"batch of {batch} windows each stage takes; use a divisor of "
+                             f"{batch}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -222,6 +222,47 @@ def test_ctrl_c_stops_every_process_at_one_step_and_another_process_count_resume
 
 
 @pytest.mark.jobs
+def test_a_pipeline_job_follows_one_process_and_resumes_as_one_stage(job_spec, tmp_path):
+    """2 stages (blocks 0 | 1), each batch of 4 windows in 2 micro-batches (GPipe): every
+    step's loss and gradient norm are those of one process on the same windows (float
+    summation order only: asserted within 1e-5 relative); Ctrl-C saves the stages' shards, and
+    one process resumes them as a single stage."""
+    from bitlm_core.app.run import execute
+
+    spec = job_spec("pipeline", steps=40, train={"checkpoint_every": 5, "eval_every": 20,
+                                                 "log_every": 1},
+                    distributed={"stages": 2, "microbatches": 2})
+    run = tmp_path / "run"
+    proc = bitlm("run", str(spec), "--out", str(run), nproc=2)
+    wait_for_checkpoint(run, proc)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    assert "pipeline: 2 stages (blocks 0 | 1)" in err and "2 micro-batches" in err
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
+    assert state["processes"] == 2 and state["replicas"] == 1 and 0 < state["step"] < 40
+    stopped = state["step"]
+
+    code, out, err = finish(bitlm("run", str(spec), "-q", "--out", str(run),
+                                  "-o", "distributed.stages=1"))  # one process, one stage
+    assert code == 0, err[-3000:]
+    one = execute(load_spec(spec, ["distributed.strategy=none"]), tmp_path / "one",
+                  log=lambda m: None)
+    piped, alone = records(run, "train"), records(tmp_path / "one", "train")
+    assert [r["step"] for r in piped] == list(range(1, 41))
+    assert any(r["step"] <= stopped for r in piped)
+    for a, b in zip(piped, alone):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+    for a, b in zip(records(run, "val"), records(tmp_path / "one", "val")):
+        assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], rel=1e-5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["held_out_bits_per_byte"] == pytest.approx(one["held_out_bits_per_byte"],
+                                                              rel=1e-5)
+
+
+@pytest.mark.jobs
 def test_a_killed_process_ends_the_job_and_the_same_command_resumes_it(job_spec, tmp_path):
     spec = job_spec("ddp", steps=100, train={"checkpoint_every": 5, "eval_every": 50,
                                              "log_every": 25})
@@ -327,6 +368,64 @@ def test_fsdp_refuses_what_it_cannot_shard_with_one_message(setting, key):
     with pytest.raises(SpecError, match=f"fsdp cannot train with {key}: .*use "):
         load_spec(None, ["distributed.strategy=fsdp", setting])
     load_spec(None, ["distributed.strategy=ddp", setting])  # ddp trains them
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("objective.name=diffusion", "an objective other than causal"),
+    ("model.reversible=true", "model.reversible"),
+    ("model.act.enabled=true", "model.act"),
+    ("scaling.strategy.name=depth", "scaling.strategy"),
+    ("train.precision=fp16", "train.precision fp16"),
+    ("compression.prob=0.5", "compression.prob > 0"),
+    ("telemetry.lambda_K=0.1", "telemetry regularisers"),
+    ("train.compile=true", "train.compile"),
+])
+def test_a_pipeline_refuses_what_its_stages_cannot_train_with_one_message(setting, key):
+    with pytest.raises(SpecError, match=f"pipeline cannot train with {key}: "):
+        load_spec(None, ["distributed.strategy=pipeline", setting])
+
+
+def test_a_pipeline_needs_a_stage_per_process_and_batches_its_micro_batches_divide():
+    from bitlm_core.engine.distributed import check_stages
+
+    base = ["distributed.strategy=pipeline", "model.n_layers=4"]
+    with pytest.raises(SpecError, match="stages=5 needs at least as many blocks; "
+                                        "model.n_layers is 4"):
+        load_spec(None, [*base, "distributed.stages=5"])
+    with pytest.raises(SpecError, match="microbatches=3 does not divide the batch of 32"):
+        load_spec(None, [*base, "distributed.microbatches=3"])
+    with pytest.raises(SpecError, match="microbatches=4 does not divide the batch of 6"):
+        load_spec(None, [*base, "distributed.global_batch=12", "train.grad_accum=2"])
+    spec = load_spec(None, [*base, "distributed.stages=2"])
+    with pytest.raises(SpecError, match="stages is 2 and the job has 1 process; .*"
+                                        "start it with --nproc 2"):
+        check_stages(spec, 1)
+    check_stages(spec, 2)
+    assert micro_batch(spec, 2) == 32  # every stage takes the whole batch
+
+    from typer.testing import CliRunner
+
+    from bitlm_core.cli.root import app
+
+    result = CliRunner().invoke(app, ["run", "--nproc", "3", *sum((["-o", o] for o in base
+                                                                   + ["distributed.stages=2"]),
+                                                                  [])])
+    assert result.exit_code == 2 and "stages is 2 and the job has 3" in result.output
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 8))
+def test_stages_split_the_blocks_into_contiguous_runs_of_even_size(n_layers, stages):
+    from bitlm_core.engine.distributed import stage_blocks
+    from bitlm_core.engine.pipeline import stage_of
+
+    if stages > n_layers:
+        return
+    ranges = stage_blocks(n_layers, stages)
+    assert [b for r in ranges for b in r] == list(range(n_layers))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1 and min(map(len, ranges)) >= 1
+    assert stage_of("pos.weight", ranges) == 0 and stage_of("ln_f.bias", ranges) == stages - 1
+    assert stage_of(f"blocks.{n_layers - 1}.mlp.fc.weight", ranges) == stages - 1
 
 
 def test_bad_launches_each_get_one_clear_message(monkeypatch):

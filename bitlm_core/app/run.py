@@ -157,7 +157,7 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
     def meta(state: TrainState) -> dict[str, Any]:
         return {"model_config": model.cfg.to_dict(), "spec": spec.to_dict(),
                 "elapsed": state.elapsed, "metrics": state.metrics,
-                "processes": world.size}
+                "processes": world.size, "replicas": world.part[1]}
 
     saved = read_state(ckpt) if ckpt is not None else None
     if saved is not None:
@@ -179,10 +179,13 @@ def open_run(comps: Components, run_dir: Path, restart: bool, log: Callable[[str
         log(f"resuming from {ckpt.name} (step {state.step} of {spec.train.steps})"
             + (f", saved by {were} process{'es' if were != 1 else ''}"
                if were != world.size else ""))
-        if were != world.size and spec.distributed.global_batch is None:
+        replicas = saved.get("replicas", were)  # processes sharing a step's windows
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            replicas = were
+        if replicas != world.part[1] and spec.distributed.global_batch is None:
             per_step = spec.train.batch_size * spec.train.grad_accum
-            log(f"note: a step now trains on {per_step * world.size} windows, it was "
-                f"{per_step * were} with {were} process{'es' if were != 1 else ''}; "
+            log(f"note: a step now trains on {per_step * world.part[1]} windows, it was "
+                f"{per_step * replicas} with {were} process{'es' if were != 1 else ''}; "
                 "distributed.global_batch keeps a step's windows whatever the process count")
         if world.main:
             dropped = trainer.metrics.truncate(state.step)
@@ -201,8 +204,9 @@ def resume_from(trainer: Trainer, ckpt: Path, saved: dict[str, Any]) -> None:
     if trainer.world.sharded:
         if not is_sharded(ckpt):
             raise CheckpointError(f"{ckpt} holds whole weights, not the shards that "
-                                  "distributed.strategy fsdp resumes from; resume with the "
-                                  "strategy the run was trained with, or --restart")
+                                  f"distributed.strategy {trainer.world.strategy} resumes "
+                                  "from; resume with the strategy the run was trained with, "
+                                  "or --restart")
         load_sharded(ckpt, trainer.model, trainer.optimizer,
                      saved.get("optimizer_param_groups", []))
     else:
@@ -233,8 +237,8 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
     """Score the whole held-out split, write samples and the summary; return the summary (on
     rank 0; None on the other processes of a job, which only take part in the scoring)."""
     spec, world = comps.spec, trainer.world
-    final = evaluate(trainer.model, comps.objective, trainer.dataset, spec.train.batch_size,
-                     world=world)
+    final = evaluate(trainer.whole_model(), comps.objective, trainer.dataset,
+                     spec.train.batch_size, world=world)
     model = trainer.inference_model()  # rank 0's whole model (every process takes part)
     if not world.main:
         return None

@@ -49,10 +49,13 @@ def run(
                             "job's (torchrun set WORLD_SIZE); drop --nproc")
         if nproc > 1 and run_spec.distributed.strategy == "none":
             raise SpecError(f"--nproc {nproc} trains in {nproc} processes, and the spec's "
-                            "distributed.strategy is none; set it to ddp or fsdp, e.g. "
-                            "-o distributed.strategy=ddp")
+                            "distributed.strategy is none; set it to ddp, fsdp or pipeline, "
+                            "e.g. -o distributed.strategy=ddp")
         from bitlm_core.app.run import check_job_memory
         from bitlm_core.components import Components
+        from bitlm_core.engine.distributed import check_stages
+
+        check_stages(run_spec, nproc)
 
         check_job_memory(Components.build(run_spec), nproc)  # what every worker would refuse
         raise typer.Exit(launch(nproc, worker_args(sys.argv[1:])))

@@ -24,8 +24,11 @@ Callbacks run in the order they are given; bitlm's own come first (:data:`BUILTI
 spec's ``callbacks`` follow. In a job of several processes every process runs every callback
 (a sharded model needs all of them in each forward pass); ``trainer.world.main`` is true in the
 one process that writes files, and ``trainer.write_metrics`` and ``trainer.log`` already write
-only there. Building one must be cheap and do nothing: do the work in the
-events. Plugins provide callbacks through the ``bitlm_callbacks`` hook.
+only there. A callback that reads the model's weights takes it from
+:func:`current_model` (under ``strategy: pipeline`` each process trains one stage, and the
+others' weights in its copy are current only once they are shared). Building one must be cheap
+and do nothing: do the work in the events. Plugins provide callbacks through the
+``bitlm_callbacks`` hook.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ from bitlm_core.engine.distributed import SOLO
 #: bitlm's own callbacks, by record name, in the order they run at every step.
 BUILTIN = ("log", "evaluation", "growth", "attention_maps", "telemetry", "progress",
            "checkpoint", "time_limit")
+
+
+def current_model(trainer):
+    """The trainer's model with every weight current (collective in a pipeline: every process
+    calls it at the same step)."""
+    whole = getattr(trainer, "whole_model", None)
+    return whole() if whole is not None else trainer.model
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -93,7 +103,7 @@ class Evaluation(Callback):
         t = trainer.spec.train
         if not due(state.step, t.eval_every, t.steps):
             return
-        result = evaluate(trainer.model, trainer.objective, trainer.dataset, t.batch_size,
+        result = evaluate(current_model(trainer), trainer.objective, trainer.dataset, t.batch_size,
                           t.eval_batches, world=getattr(trainer, "world", SOLO))
         bpb = result["bits_per_byte"]
         trainer.write_metrics({"split": "val", "step": state.step, "bits_per_byte": bpb,
@@ -189,9 +199,10 @@ class AttentionMaps(Callback):
         from bitlm_core.store.atomic import atomic_write_bytes
         from bitlm_core.store.rundir import ATTENTION_DIR
 
-        window = next(trainer.dataset.val_batches(1, 1)).to(model_device(trainer.model))
-        with eval_mode(trainer.model), torch.no_grad():
-            _, maps = trainer.model(window, causal=True, return_attention=True)
+        model = current_model(trainer)
+        window = next(trainer.dataset.val_batches(1, 1)).to(model_device(model))
+        with eval_mode(model), torch.no_grad():
+            _, maps = model(window, causal=True, return_attention=True)
         if any(m is None for m in maps):
             trainer.log("attention.full_attn_logging: the attention backend returned no maps; "
                         "use attention: {name: reference}, which returns them")
@@ -246,8 +257,9 @@ class Telemetry(Callback):
 
         values = {}
         if trainer.objective.causal:
-            probs = next_bit_probs(trainer.model, bits)
-            values = halting_depth(trainer.model)  # ACT: how deep that pass went
+            model = current_model(trainer)
+            probs = next_bit_probs(model, bits)
+            values = halting_depth(model)  # ACT: how deep that pass went
         else:
             probs = None
         return {f"telemetry/{split}/{name}": v

@@ -12,8 +12,13 @@ process this is and what the strategy does:
     ``fully_shard`` over each block and then the whole model, on an explicit device mesh; the
     optimizer works on the shards (DTensor parameters); every process saves its shards
     (:mod:`bitlm_core.store.sharded`).
+``pipeline``
+    the blocks split into one stage per process, micro-batches flowing through them on
+    ``torch.distributed.pipelining``'s GPipe schedule (:mod:`bitlm_core.engine.pipeline`);
+    every process saves its stage's optimizer state as shards.
 
-Each process trains on its own rows of every micro-batch (:func:`micro_batch`); they agree on
+Under ddp and fsdp each process trains on its own rows of every micro-batch
+(:func:`micro_batch`); under pipeline every stage sees the whole batch. They agree on
 when to stop (:meth:`World.agree`) and on the figures written (:meth:`World.mean`); only
 rank 0 writes the run folder. A process that dies ends the job: torchrun stops the others
 (:func:`lost_process` turns what a collective raises then into one clear message).
@@ -67,8 +72,25 @@ class World:
 
     @property
     def sharded(self) -> bool:
-        """Checkpoints are saved as shards (``fsdp``, in one process or many)."""
-        return self.strategy == "fsdp"
+        """Checkpoints are saved as shards (``fsdp`` and ``pipeline``, in one process or
+        many)."""
+        return self.strategy in ("fsdp", "pipeline")
+
+    @property
+    def gathers(self) -> bool:
+        """Every forward pass needs every process (FSDP gathers the sharded weights)."""
+        return self.group and self.strategy == "fsdp"
+
+    @property
+    def pipelined(self) -> bool:
+        """The model's blocks are split into stages over the processes."""
+        return self.group and self.strategy == "pipeline"
+
+    @property
+    def part(self) -> tuple[int, int]:
+        """(this process's share, of how many) of every batch's windows: its rank under ddp
+        and fsdp; the whole batch for a pipeline's stages (and for one process)."""
+        return (0, 1) if self.strategy == "pipeline" else (self.rank, self.size)
 
     # -- collectives (each a no-op in one process) ------------------------------------------
     def mean(self, values: Sequence[float]) -> list[float]:
@@ -217,12 +239,15 @@ def start(spec, device) -> tuple[World, Any]:
     d = spec.distributed
     where = launched()
     if where is None or where[1] == 1:
+        check_stages(spec, 1)
         return World(strategy=d.strategy), device
     rank, size, local = where
     if d.strategy == "none":
         raise SpecError(f"this process is one of {size} that torchrun started, but "
-                        "distributed.strategy is none; set distributed.strategy: ddp (or fsdp), "
+                        "distributed.strategy is none; set distributed.strategy: ddp (or fsdp, "
+                        "pipeline), "
                         "e.g. -o distributed.strategy=ddp")
+    check_stages(spec, size)
     micro_batch(spec, size)  # a batch that does not divide is refused before joining
     backend = choose_backend(d.backend, device)
     device = process_device(device, local, size)
@@ -244,10 +269,37 @@ def stop(world: World) -> None:
         dist.destroy_process_group()
 
 
+def check_stages(spec, size: int) -> None:
+    """A pipeline runs one stage per process: a SpecError when the job has another count."""
+    d = spec.distributed
+    if d.strategy == "pipeline" and d.stages != size:
+        how = ("start it with --nproc " + str(d.stages) if d.stages > 1 else
+               "run it in one process")
+        raise SpecError(f"distributed.stages is {d.stages} and the job has {size} "
+                        f"process{'es' if size != 1 else ''}; a pipeline runs one stage per "
+                        f"process: {how}, or set -o distributed.stages={size} (a run may "
+                        "resume with another number of stages)")
+
+
+def stage_blocks(n_layers: int, stages: int) -> list[range]:
+    """The blocks of each stage of a pipeline: contiguous runs, as even as can be (earlier
+    stages take one more)."""
+    size, extra = divmod(n_layers, stages)
+    out, start = [], 0
+    for s in range(stages):
+        stop = start + size + (s < extra)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
 def micro_batch(spec, size: int) -> int:
     """Windows per micro-batch in each process: ``train.batch_size``, or with
-    ``distributed.global_batch`` its share, which must be whole."""
+    ``distributed.global_batch`` its share, which must be whole. A pipeline's stages each
+    take the whole micro-batch (``size`` does not divide it)."""
     g, accum = spec.distributed.global_batch, spec.train.grad_accum
+    if spec.distributed.strategy == "pipeline":
+        size = 1
     if g is None:
         return spec.train.batch_size
     if g % (size * accum):
@@ -263,6 +315,13 @@ def describe(world: World, spec, micro: int) -> str:
     how = (f"{threads} thread{'s' if threads != 1 else ''} each (train.threads)"
            if threads != "auto" else "threads as OMP_NUM_THREADS says (torchrun sets 1 when "
                                      "it starts several processes; train.threads chooses)")
+    if world.strategy == "pipeline":
+        d = spec.distributed
+        split = " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
+                           for r in stage_blocks(spec.model.n_layers, world.size))
+        return (f"pipeline: {world.size} stages (blocks {split}), {how}; a step is "
+                f"{micro * spec.train.grad_accum} windows ({micro} x {spec.train.grad_accum} "
+                f"accumulated), each batch in {d.microbatches} micro-batches (GPipe)")
     total = micro * spec.train.grad_accum * world.size
     return (f"{world.strategy}: {world.size} processes, {how}; a step is {total} windows "
             f"({micro} x {spec.train.grad_accum} accumulated x {world.size} processes)")
@@ -272,7 +331,7 @@ def describe(world: World, spec, micro: int) -> str:
 def wrap(model, world: World, precision: str):
     """What the training step calls: DDP around the model, or the model sharded by FSDP in
     place; the model itself in one process."""
-    if not world.group:
+    if not world.group or world.strategy == "pipeline":  # the stages call the model's parts
         return model
     if world.strategy == "ddp":
         DDP = _model_ddp()
@@ -331,7 +390,7 @@ def shard(model, world: World, precision: str) -> None:
 @contextmanager
 def accumulating(net, world: World, last: bool) -> Iterator[None]:
     """Around one micro-batch's backward: gradients are synchronised only at the last."""
-    if not world.group or last:
+    if not world.group or last or world.strategy == "pipeline":
         if world.group and world.strategy == "fsdp":
             net.set_requires_gradient_sync(True)
         yield
@@ -349,8 +408,9 @@ def accumulating(net, world: World, last: bool) -> Iterator[None]:
 
 def full_weights(model, world: World) -> dict[str, Any] | None:
     """The whole weights of a sharded model on rank 0, on the CPU (collective: every process
-    calls it; the others get None); the model's own state dict when it is not sharded."""
-    if not (world.group and world.strategy == "fsdp"):
+    calls it; the others get None); the model's own state dict when it is not sharded (a
+    pipeline's model, once its stages' weights are shared: :meth:`Pipeline.share_weights`)."""
+    if not world.gathers:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -79,7 +79,7 @@ def evaluate(model, objective, dataset, batch_size: int, max_batches: int | None
     if world.group:
         count, r, w = dataset.val_batch_count(batch_size, max_batches), world.rank, world.size
         batches = (b for i, b in enumerate(batches) if i % w == r)
-        fewer = -(-count // w) - len(range(r, count, w)) if world.sharded else 0
+        fewer = -(-count // w) - len(range(r, count, w)) if world.gathers else 0
     bpb, n_bytes = score_batches(model, objective, batches, dataset.frame_bits, depth)
     if fewer:
         _uncounted_passes(model, objective, next(dataset.val_batches(batch_size, 1)), fewer)

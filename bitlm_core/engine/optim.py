@@ -24,10 +24,13 @@ def lr_at(step: int, t: TrainSection) -> float:
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms or embeddings' 1-D vectors)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizer(model: torch.nn.Module, t: TrainSection,
+                   parameters=None) -> torch.optim.AdamW:
+    """AdamW over the model's parameters (or those of ``parameters``, a pipeline's stage);
+    weight decay on matrices only (not on biases, norms or embeddings' 1-D vectors)."""
+    params = list(model.parameters() if parameters is None else parameters)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=t.lr, betas=(t.beta1, t.beta2))

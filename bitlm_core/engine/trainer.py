@@ -13,11 +13,13 @@ resumed from a checkpoint continues exactly as if it had never stopped.
 In several processes (:mod:`bitlm_core.engine.distributed`) each takes its own rows of the
 windows drawn for the step (the same for every process count) and its own dropout (rank 0's is
 one process's); the figures of each step are averaged over the processes, and they stop
-together.
+together. A pipeline's stages (:mod:`bitlm_core.engine.pipeline`) each take the whole batch
+through their own blocks; read the model through :meth:`Trainer.whole_model` there.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from bitlm_core.engine.device import grad_scaler, model_device
 from bitlm_core.engine.distributed import (SOLO, World, accumulating, full_weights, micro_batch,
                                            save_sharded, wrap)
 from bitlm_core.engine.optim import clip_gradients, lr_at, make_optimizer
+from bitlm_core.engine.pipeline import pipeline_for
 from bitlm_core.engine.runtime import Interrupted, StepBoundary, signal_name
 from bitlm_core.engine.telemetry import Regularisers
 from bitlm_core.errors import BitlmError, PluginError
@@ -116,7 +119,9 @@ class Trainer:
         # what a step calls: DDP around the model, or the model sharded by FSDP (in place,
         # before the optimizer is built over its shards), or the model in one process
         self.wrapped = wrap(model, world, self.t.precision)
-        self.optimizer = make_optimizer(model, self.t)
+        self.pipeline = pipeline_for(model, world, spec)  # this process's stage, or None
+        self.optimizer = make_optimizer(model, self.t, None if self.pipeline is None else
+                                        self.pipeline.parameters())
         self.device = model_device(model)  # batches are moved here, once each
         self.scaler = grad_scaler(self.device, self.t.precision)  # fp16's; else does nothing
         self.net = self.wrapped  # what the objective calls: the wrapped model, or compiled
@@ -158,6 +163,7 @@ class Trainer:
         whole weights, which :attr:`final_weights` keeps for sampling; else rank 0 writes it.
         It is complete, and ``latest`` names it, only once every process has written."""
         whole = self.ending
+        self.whole_model()
         meta = self.meta(state)
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict()
@@ -198,12 +204,19 @@ class Trainer:
         destroy it while holding the GIL, which gloo's threads may be waiting for."""
         self.net = self.wrapped = self.model
 
+    def whole_model(self):
+        """The model with every weight current: a pipeline's stages share theirs first
+        (collective: every process calls it; a no-op in any other job)."""
+        if self.pipeline is not None:
+            self.pipeline.share_weights()
+        return self.model
+
     def inference_model(self):
         """A model for sampling at the end of the run: the trained model, or on rank 0 a
         whole copy of a sharded one (collective under FSDP; the others get None)."""
         world = self.world
-        if not (world.group and world.sharded):
-            return self.model
+        if not world.gathers:
+            return self.whole_model()
         weights = self.final_weights if self.gathered else full_weights(self.model, world)
         if not world.main:
             return None
@@ -295,6 +308,8 @@ class Trainer:
         torch.manual_seed(dropout_seed(self.t.seed, state.step, self.world.rank))
         self.optimizer.zero_grad(set_to_none=True)
         n = self.t.grad_accum
+        if self.pipeline is not None:
+            return self.pipeline_step(state, lr)
         loss_sum, bpb_sum, n_compressed = 0.0, 0.0, 0
         for micro in range(n):
             batch = self.batch(state.step, micro)
@@ -312,11 +327,29 @@ class Trainer:
         return {"loss": loss, "bits_per_byte": bpb, "lr": lr, "grad_norm": grad_norm,
                 "compressed_batches": n_compressed}
 
+    def pipeline_step(self, state: TrainState, lr: float) -> dict[str, float]:
+        """:meth:`step` through a pipeline's stages: every process draws the micro-batches
+        (the first stage feeds them, the last scores them), the stages run them, clip over all
+        of them and update their own parameters."""
+        n, pipe = self.t.grad_accum, self.pipeline
+        for micro in range(n):
+            pipe.run(self.batch(state.step, micro).bits, 1.0 / n)
+        loss, accuracy = pipe.step_figures()
+        if not math.isfinite(loss):
+            raise BitlmError(f"loss became {loss} at step {state.step}; lower train.lr or "
+                             "enable train.grad_clip")
+        grad_norm = pipe.clip(self.t.grad_clip)
+        self.optimizer.step()
+        bpb = loss * self.model.frame_bits / math.log(2)
+        self.means.add({"raw/loss": loss, "raw/bits_per_byte": bpb, "raw/accuracy": accuracy})
+        return {"loss": loss, "bits_per_byte": bpb, "lr": lr, "grad_norm": grad_norm,
+                "compressed_batches": 0}
+
     # -- inside a step ----------------------------------------------------------------------
     def windows(self, step: int, micro: int):
         """(generator, windows) of a micro-batch: the same for a step whenever it is drawn."""
         rng = np.random.default_rng([self.t.seed, step, micro])
-        return rng, self.dataset.train_batch(rng, self.micro, (self.world.rank, self.world.size))
+        return rng, self.dataset.train_batch(rng, self.micro, self.world.part)
 
     def batch(self, step: int, micro: int) -> Batch:
         """The micro-batch's windows, through the codec and back when drawn for it."""

@@ -113,11 +113,7 @@ class BitTransformerLM(nn.Module):
         for incremental decoding. The blocks compute in ``cfg.precision`` (autocast; the
         weights stay float32) and the states come out in float32.
         """
-        T = x.size(1)
-        if start + T > self.cfg.max_positions:
-            raise BitsError(f"input needs {start + T} positions, the model has "
-                            f"{self.cfg.max_positions}; score long texts with a sliding window")
-        x = self.drop(x + self.pos(torch.arange(start, start + T, device=x.device)))
+        x = self.enter(x, start)
         with autocast(self.cfg.precision, x.device):
             if self.cfg.act:
                 x, maps = act_blocks(self, x, causal, caches, need_weights)
@@ -125,18 +121,29 @@ class BitTransformerLM(nn.Module):
                 x, maps = self.run_blocks(x, causal, caches, need_weights)
         return self.ln_f(x.float()), maps
 
-    def run_blocks(self, x, causal: bool, caches=None, need_weights=False):
-        """The transformer blocks on ``x``: plain, reversible (``cfg.reversible``) or with
-        their activations recomputed in backward (``cfg.checkpointing``)."""
+    def enter(self, x, start: int = 0):
+        """Embedded positions ``x (B, T, C)`` starting at ``start``, as the first block takes
+        them: plus the position table, through dropout."""
+        T = x.size(1)
+        if start + T > self.cfg.max_positions:
+            raise BitsError(f"input needs {start + T} positions, the model has "
+                            f"{self.cfg.max_positions}; score long texts with a sliding window")
+        return self.drop(x + self.pos(torch.arange(start, start + T, device=x.device)))
+
+    def run_blocks(self, x, causal: bool, caches=None, need_weights=False, blocks=None):
+        """The transformer blocks (or those of ``blocks``, a slice of them: a pipeline's
+        stage) on ``x``: plain, reversible (``cfg.reversible``) or with their activations
+        recomputed in backward (``cfg.checkpointing``)."""
         cfg = self.cfg
+        blocks = self.blocks if blocks is None else blocks
         if cfg.reversible:
-            return reversible(self.blocks, x, causal, caches, need_weights)
+            return reversible(blocks, x, causal, caches, need_weights)
         group = {"none": 0, "blocks": 1, "every_k": cfg.checkpoint_k}[cfg.checkpointing]
         if not group or caches is not None or not torch.is_grad_enabled():
-            return run_group(self.blocks, x, causal, caches, need_weights)
+            return run_group(blocks, x, causal, caches, need_weights)
         maps = []
-        for i in range(0, len(self.blocks), group):
-            x, ws = checkpoint(run_group, self.blocks[i:i + group], x, causal, None,
+        for i in range(0, len(blocks), group):
+            x, ws = checkpoint(run_group, blocks[i:i + group], x, causal, None,
                                need_weights, use_reentrant=False)
             maps.extend(ws)
         return x, maps
@@ -173,6 +180,15 @@ class BitTransformerLM(nn.Module):
         and from the target bits before it *in its own frame* (the chain rule within a frame,
         for objectives that mask whole frames).
         """
+        raise NotImplementedError
+
+    def causal_input(self, tokens):
+        """Causal mode's input (B, T, C) for bits (B, L), before :meth:`enter`: position
+        ``t`` holds what the prediction of backbone position ``t`` may read."""
+        raise NotImplementedError
+
+    def causal_head(self, h, tokens):
+        """Causal logits (B, L, 2) from the normed backbone states ``h`` of ``tokens``."""
         raise NotImplementedError
 
     def decoder(self, prompt, cache: bool = True):

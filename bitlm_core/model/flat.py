@@ -39,14 +39,19 @@ class FlatBitLM(BitTransformerLM):
         if targets is not None:
             raise BitsError("targets (the chain rule within a frame) need the framed "
                             "layout; use model.layout: framed")
-        if causal:
-            bos = torch.full((tokens.size(0), 1), BOS, dtype=tokens.dtype, device=tokens.device)
-            x = self.embed(torch.cat([bos, tokens[:, :-1]], dim=1))
-        else:
-            x = self.mix_neighbours(self.embed(tokens))
+        x = self.causal_input(tokens) if causal else self.mix_neighbours(self.embed(tokens))
         h, maps = self.backbone(x, causal, need_weights=return_attention)
         logits = self.head(h)
         return (logits, maps) if return_attention else logits
+
+    def causal_input(self, tokens):
+        """The bits shifted right by one behind a BOS token, embedded."""
+        self.check_input(tokens)
+        bos = torch.full((tokens.size(0), 1), BOS, dtype=tokens.dtype, device=tokens.device)
+        return self.embed(torch.cat([bos, tokens[:, :-1]], dim=1))
+
+    def causal_head(self, h, tokens):
+        return self.head(h)
 
     def cached_decoder(self, prompt):
         return FlatDecoder(self, prompt)

@@ -62,22 +62,31 @@ class FramedBitLM(BitTransformerLM):
     def forward(self, tokens, causal: bool = True, return_attention: bool = False,
                 targets=None):
         frames = self.frames(tokens)
-        B = frames.size(0)
         if causal:
-            x = torch.cat([self.bos.expand(B, 1, -1), self.embed_frames(frames[:, :-1])], dim=1)
-            h, maps = self.backbone(x, True, need_weights=return_attention)
-            logits = self.local(h, frames)
-        else:
-            h, maps = self.backbone(self.mix_neighbours(self.embed_frames(frames)), False,
+            h, maps = self.backbone(self.causal_input(tokens), True,
                                     need_weights=return_attention)
-            if targets is not None:
-                logits = self.local(h, targets.view(frames.shape))
-            elif self.cfg.local == "joint":
-                logits = self.local(h, known=frames)
-            else:
-                logits = self.local(h)
-        logits = logits.reshape(B, tokens.size(1), 2)
+            logits = self.causal_head(h, tokens)
+            return (logits, maps) if return_attention else logits
+        h, maps = self.backbone(self.mix_neighbours(self.embed_frames(frames)), False,
+                                need_weights=return_attention)
+        if targets is not None:
+            logits = self.local(h, targets.view(frames.shape))
+        elif self.cfg.local == "joint":
+            logits = self.local(h, known=frames)
+        else:
+            logits = self.local(h)
+        logits = logits.reshape(frames.size(0), tokens.size(1), 2)
         return (logits, maps) if return_attention else logits
+
+    def causal_input(self, tokens):
+        """A BOS vector, then the embeddings of every frame but the last."""
+        frames = self.frames(tokens)
+        return torch.cat([self.bos.expand(frames.size(0), 1, -1),
+                          self.embed_frames(frames[:, :-1])], dim=1)
+
+    def causal_head(self, h, tokens):
+        """The local module predicts each frame's bits from its state and earlier bits."""
+        return self.local(h, self.frames(tokens)).reshape(tokens.size(0), tokens.size(1), 2)
 
     def frame_states(self, tokens):
         """Non-causal: the backbone's output (B, T, C) for tokens (B, L) that may hold MASK;

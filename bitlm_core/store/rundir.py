@@ -178,7 +178,8 @@ def check_writable(run_dir: Path) -> None:
 
 #: spec keys a run may be resumed with changed: where it is written and how its processes
 #: talk, not what it trains
-RESUMABLE_CHANGES = ("distributed.backend", "distributed.timeout_minutes")
+RESUMABLE_CHANGES = ("distributed.backend", "distributed.timeout_minutes",
+                     "distributed.stages", "distributed.microbatches")
 
 
 def prepare_run_dir(spec: RunSpec, run_dir: Path, restart: bool) -> bool:

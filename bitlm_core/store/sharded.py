@@ -8,7 +8,9 @@ sit in the whole tensor, as JSON). DCP's default format keeps its index in a pic
 does not, so nothing here ever unpickles. Reading goes through DCP's safetensors reader, which
 reassembles the slices for whatever sharding the reader has: a checkpoint saved by 2 processes
 resumes in 1, 2 or 4 (the ``resharding`` of DCP), and one process reads it into a plain model
-(:func:`consolidated_weights`) for ``bitlm eval``, ``sample`` and ``quantize``.
+(:func:`consolidated_weights`) for ``bitlm eval``, ``sample`` and ``quantize``. A
+``pipeline`` run saves the same way: every stage writes the optimizer moments of its own
+parameters (the weights, shared beforehand, are the same in every process and written once).
 
 Tensor names: ``model/<parameter>`` and ``optim/<parameter>/<exp_avg|exp_avg_sq|step>``. The
 optimizer's hyper-parameters (learning rate, betas...) go into state.json, as for full
@@ -152,7 +154,10 @@ def load_sharded(folder: Path, model, optimizer, groups: list[dict[str, Any]]) -
                                                          set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    flat, _ = flat_state(model, optimizer)
+    flat, current = flat_state(model, optimizer)
+    if len(groups) == len(current):  # the hyper-parameters saved, for this optimizer's own
+        groups = [{**g, "params": c["params"]}  # parameters (a pipeline's stage saved its own)
+                  for g, c in zip(groups, current)]
     present = _load(folder, flat, "the model built from the spec")
     weights = {k[len(MODEL):]: v for k, v in present.items() if k.startswith(MODEL)}
     state: dict[str, dict[str, Any]] = {}
