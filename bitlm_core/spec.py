@@ -201,9 +201,10 @@ class SampleSection(Strict):
 
 class DistributedSection(Strict):
     """Training in several processes, launched by torchrun (``bitlm run --nproc N`` starts it
-    for one machine). Each process trains on its own share of every step's windows: a step
-    covers ``train.batch_size x train.grad_accum x processes`` windows, or ``global_batch``
-    when that is set."""
+    for one machine). Under ddp and fsdp each process trains on its own share of every step's
+    windows: a step covers ``train.batch_size x train.grad_accum x processes`` windows, or
+    ``global_batch`` when that is set. A pipeline's stages each take the whole batch
+    (``train.batch_size x train.grad_accum``, or ``global_batch``)."""
 
     strategy: Literal["none", "ddp", "fsdp", "pipeline"] = Field(
         "none", description="none (one process), ddp (every process holds the model, "
@@ -214,7 +215,8 @@ class DistributedSection(Strict):
         "auto", description="the process group's backend; auto: nccl on CUDA, gloo on CPU")
     global_batch: Optional[int] = Field(
         None, ge=1, description="windows per optimizer step over all processes; each takes "
-                                "global_batch / (processes x train.grad_accum), which must be "
+                                "global_batch / (processes x train.grad_accum) (a pipeline's "
+                                "stages: global_batch / train.grad_accum), which must be "
                                 "whole. Unset: train.batch_size per process")
     stages: int = Field(2, ge=1, le=64, description="pipeline: stages the blocks are split into, "
                                                   "one per process (--nproc must equal it)")

@@ -221,45 +221,68 @@ def test_ctrl_c_stops_every_process_at_one_step_and_another_process_count_resume
     assert steps == sorted(set(steps)) and steps[-1] == 120
 
 
+def same_curves(a: Path, b: Path) -> None:
+    """Every train record's loss and gradient norm, and every held-out figure, of run folder
+    ``a`` equal those of ``b`` up to float summation order."""
+    two, one = records(a, "train"), records(b, "train")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for x, y in zip(two, one):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), x["step"]
+        assert x["raw/batches"] == y["raw/batches"]
+    two, one = records(a, "val"), records(b, "val")
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) >= 3
+    for x, y in zip(two, one):
+        assert x["bits_per_byte"] == pytest.approx(y["bits_per_byte"], rel=1e-5)
+
+
 @pytest.mark.jobs
-def test_a_pipeline_job_follows_one_process_and_resumes_as_one_stage(job_spec, tmp_path):
-    """2 stages (blocks 0 | 1), each batch of 4 windows in 2 micro-batches (GPipe): every
-    step's loss and gradient norm are those of one process on the same windows (float
-    summation order only: asserted within 1e-5 relative); Ctrl-C saves the stages' shards, and
-    one process resumes them as a single stage."""
+def test_a_pipeline_job_follows_the_loss_curve_of_one_process(job_spec, tmp_path):
+    """2 stages (blocks 0 | 1), each batch of 4 windows in 2 micro-batches (GPipe), 2
+    accumulated: every step's loss and gradient norm, and every held-out figure (the stages
+    share their weights first), are those of one process on the same windows."""
     from bitlm_core.app.run import execute
 
-    spec = job_spec("pipeline", steps=40, train={"checkpoint_every": 5, "eval_every": 20,
+    spec = job_spec("pipeline", steps=9, distributed={"stages": 2, "microbatches": 2},
+                    train={"log_every": 1})
+    code, out, err = finish(bitlm("run", str(spec), "--out", str(tmp_path / "two"), nproc=2))
+    assert code == 0, err[-3000:]
+    assert "pipeline: 2 stages (blocks 0 | 1)" in err and "2 micro-batches" in err
+    one = execute(load_spec(spec, ["distributed.strategy=none"]), tmp_path / "one",
+                  log=lambda m: None)
+    same_curves(tmp_path / "two", tmp_path / "one")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["strategy"] == "pipeline" and summary["processes"] == 2
+    assert summary["held_out_bits_per_byte"] == pytest.approx(one["held_out_bits_per_byte"],
+                                                              rel=1e-5)
+
+
+@pytest.mark.jobs
+def test_ctrl_c_saves_a_pipelines_stages_and_one_process_resumes_them(job_spec, tmp_path):
+    """Ctrl-C: every stage writes its optimizer state as shards; one process resumes them as a
+    single stage (-o distributed.stages=1) and goes on as one process would have."""
+    from bitlm_core.app.run import execute
+
+    spec = job_spec("pipeline", steps=40, train={"checkpoint_every": 5, "eval_every": 10,
                                                  "log_every": 1},
                     distributed={"stages": 2, "microbatches": 2})
     run = tmp_path / "run"
-    proc = bitlm("run", str(spec), "--out", str(run), nproc=2)
+    proc = bitlm("run", str(spec), "-q", "--out", str(run), nproc=2)
     wait_for_checkpoint(run, proc)
     proc.send_signal(signal.SIGINT)
     code, _, err = finish(proc)
     assert code == 128 + signal.SIGINT, err[-3000:]
-    assert "pipeline: 2 stages (blocks 0 | 1)" in err and "2 micro-batches" in err
     latest = (run / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
     assert state["processes"] == 2 and state["replicas"] == 1 and 0 < state["step"] < 40
-    stopped = state["step"]
 
-    code, out, err = finish(bitlm("run", str(spec), "-q", "--out", str(run),
-                                  "-o", "distributed.stages=1"))  # one process, one stage
+    code, out, err = finish(bitlm("run", str(spec), "--out", str(run),
+                                  "-o", "distributed.stages=1"))
     assert code == 0, err[-3000:]
-    one = execute(load_spec(spec, ["distributed.strategy=none"]), tmp_path / "one",
-                  log=lambda m: None)
-    piped, alone = records(run, "train"), records(tmp_path / "one", "train")
-    assert [r["step"] for r in piped] == list(range(1, 41))
-    assert any(r["step"] <= stopped for r in piped)
-    for a, b in zip(piped, alone):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
-    for a, b in zip(records(run, "val"), records(tmp_path / "one", "val")):
-        assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], rel=1e-5)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["held_out_bits_per_byte"] == pytest.approx(one["held_out_bits_per_byte"],
-                                                              rel=1e-5)
+    assert f"resuming from {latest}" in err and "note: a step now" not in err
+    execute(load_spec(spec, ["distributed.strategy=none"]), tmp_path / "one",
+            log=lambda m: None)
+    same_curves(run, tmp_path / "one")
 
 
 @pytest.mark.jobs

@@ -131,19 +131,25 @@ def training_memory(spec: RunSpec, comps: Components) -> dict[str, int]:
 
 
 def check_memory(spec: RunSpec, comps: Components, training: bool = True,
-                 processes: int = 1, shards: int = 1, micro: int | None = None) -> None:
+                 processes: int = 1, shards: int = 1, micro: int | None = None,
+                 stages: int = 1) -> None:
     """A SpecError when ``spec``'s model cannot fit this machine's memory, naming the figure
     and what to lower (before anything is built or written). ``training``: a whole training
     step (:func:`training_memory`); else the weights alone, 4 bytes per parameter.
 
     A job: ``processes`` of it on this machine, its parameters and optimizer state split into
-    ``shards`` (FSDP), ``micro`` windows in each process's micro-batch."""
+    ``shards`` (FSDP), ``micro`` windows in each process's micro-batch; a pipeline of
+    ``stages`` keeps a whole copy of the weights in each process, and splits the gradients,
+    optimizer state and activations over its stages."""
     available = physical_memory()
     if available is None:
         return
     need = training_memory(spec, comps)
     if micro is not None:
         need["activations"] = need["activations"] * micro // spec.train.batch_size
+    if stages > 1:  # parameters: 4 bytes of weights, 12 of gradients and AdamW's moments
+        need["activations"] //= stages
+        need["parameters"] = need["parameters"] // 4 + need["parameters"] * 3 // 4 // stages
     need = {k: v * processes // (shards if k == "parameters" else 1) for k, v in need.items()}
     if not training:
         if need["parameters"] // 4 > available:

@@ -68,14 +68,16 @@ def execute(spec: RunSpec, run_dir: Path | None = None, restart: bool = False,
 
 def check_job_memory(comps: Components, processes: int) -> None:
     """The memory check for a job of ``processes`` (those on this machine counted: torchrun's
-    LOCAL_WORLD_SIZE), FSDP's shards and each process's micro-batch taken into account."""
+    LOCAL_WORLD_SIZE), FSDP's shards, a pipeline's stages and each process's micro-batch taken
+    into account."""
     import os
 
     spec = comps.spec
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes)) if processes > 1 else 1
     check_memory(spec, comps, processes=local,
                  shards=processes if spec.distributed.strategy == "fsdp" else 1,
-                 micro=micro_batch(spec, processes))
+                 micro=micro_batch(spec, processes),
+                 stages=processes if spec.distributed.strategy == "pipeline" else 1)
 
 
 def _open_folder(comps: Components, run_dir: Path, lock: ExitStack) -> bytes:

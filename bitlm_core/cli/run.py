@@ -27,8 +27,8 @@ def run(
     nproc: Optional[int] = typer.Option(
         None, "--nproc", min=1, max=4096, metavar="N",
         help="Train in N processes on this machine (torchrun's launcher, one process per GPU "
-             "or CPU share); the spec needs distributed.strategy ddp or fsdp. For several "
-             "machines, run torchrun yourself (README)."),
+             "or CPU share); the spec needs distributed.strategy ddp, fsdp or pipeline. For "
+             "several machines, run torchrun yourself (README)."),
 ) -> None:
     """Train a model from a spec, evaluate held-out bits per byte, and sample text.
 

@@ -30,9 +30,14 @@ import torch.nn.functional as F
 from bitlm_core.engine.distributed import World, collective, stage_blocks
 from bitlm_core.model.layers import autocast
 
-#: parameters the last stage owns (after its blocks); every other one outside the blocks is the
-#: first stage's (the embeddings and position table)
+#: parameters the last stage owns (after its blocks)
 OUTPUT_PARTS = ("ln_f.", "head.", "local.")
+
+
+#: parameters the first stage owns (the embeddings and position table); a layout's other
+#: parameters must be named in one of these lists, or the pipeline refuses the model
+INPUT_PARTS = ("pos.", "frame_table.", "frame_in.", "bos", "tok.", "phase.", "neighbour_mix.",
+               "halt.")
 
 
 def stage_of(name: str, ranges: list[range]) -> int:
@@ -40,7 +45,12 @@ def stage_of(name: str, ranges: list[range]) -> int:
     if name.startswith("blocks."):
         block = int(name.split(".")[1])
         return next(s for s, r in enumerate(ranges) if block in r)
-    return len(ranges) - 1 if name.startswith(OUTPUT_PARTS) else 0
+    if name.startswith(OUTPUT_PARTS):
+        return len(ranges) - 1
+    if name.startswith(INPUT_PARTS):
+        return 0
+    raise ValueError(f"the pipeline does not know which stage computes parameter {name!r}; "
+                     "add it to bitlm_core.engine.pipeline's INPUT_PARTS or OUTPUT_PARTS")
 
 
 class StageModule(nn.Module):
@@ -107,11 +117,11 @@ class Pipeline:
         before = len(self.figures)
         with collective("running the pipeline's stages"):
             if self.first:
-                self.schedule.step(bits)
+                self.schedule.step(bits, return_outputs=False)
             elif self.last:
-                self.schedule.step(target=bits)
+                self.schedule.step(target=bits, return_outputs=False)
             else:
-                self.schedule.step()
+                self.schedule.step(return_outputs=False)
         # the first step also runs each stage once on buffers of the right shapes to learn
         # them (the last stage's loss included): only the micro-batches' own figures count
         del self.figures[before:len(self.figures) - self.microbatches]

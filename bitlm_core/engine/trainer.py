@@ -158,8 +158,8 @@ class Trainer:
         self.stop_reason = self.stop_reason or reason
 
     def checkpoint(self, state: TrainState) -> Path:
-        """Save a checkpoint of ``state`` (every process calls it). Sharded (``fsdp``): each
-        process writes its shards, and at the end of the run (:attr:`ending`) rank 0 adds the
+        """Save a checkpoint of ``state`` (every process calls it). Sharded (``fsdp``,
+        ``pipeline``): each process writes its shards, and at the end of the run (:attr:`ending`) rank 0 adds the
         whole weights, which :attr:`final_weights` keeps for sampling; else rank 0 writes it.
         It is complete, and ``latest`` names it, only once every process has written."""
         whole = self.ending
@@ -341,7 +341,9 @@ class Trainer:
         grad_norm = pipe.clip(self.t.grad_clip)
         self.optimizer.step()
         bpb = loss * self.model.frame_bits / math.log(2)
-        self.means.add({"raw/loss": loss, "raw/bits_per_byte": bpb, "raw/accuracy": accuracy})
+        for _ in range(n):  # one entry per micro-batch, as :meth:`total_loss` adds them
+            self.means.add({"raw/loss": loss, "raw/bits_per_byte": bpb,
+                            "raw/accuracy": accuracy})
         return {"loss": loss, "bits_per_byte": bpb, "lr": lr, "grad_norm": grad_norm,
                 "compressed_batches": 0}
 
