@@ -11,6 +11,7 @@ from bitlm_core.errors import DataError
 
 
 MAX_PIPED_BYTES = 256 << 20  # what is read from a pipe or device (files are memory-mapped)
+MAX_CODED_BYTES = 1 << 30  # what --coded counts (the most `bitlm compress` takes)
 
 
 class TextFile:
@@ -118,3 +119,39 @@ def evaluate_bytes(run: LoadedRun, data, source: str, batch_size: int = 16,
     bpb, n_bytes = score_batches(run.model, objective, batches(), Fb, depth)
     return {"bits_per_byte": bpb, "bytes": n_bytes, "is_bound": is_bound,
             "window": W, "stride": W, **depth.figures()}
+
+
+def coded_size(run: LoadedRun, data, segment: int, adapt=None,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """What ``bitlm compress`` (the ``bitlm-compress`` plugin) would write for ``data``: the
+    ideal code length of its quantised probabilities (:mod:`bitlm_core.app.coding`), as 32-bit
+    words plus the range coder's final word, and the stream's header. The run's model is not
+    changed (adaptation trains a copy)."""
+    import copy
+    import hashlib
+    from pathlib import Path
+
+    from bitlm_core.app.coding import (FrameTable, code_length, environment, fingerprint)
+    from bitlm_core.store.stream import StreamHeader
+
+    if not getattr(run.comps.objective, "causal", False):
+        raise DataError(f"--coded needs a causal model; this run's objective "
+                        f"'{run.spec.objective.name}' does not predict the next bit")
+    if len(data) > MAX_CODED_BYTES:
+        raise DataError(f"--coded counts texts of up to {MAX_CODED_BYTES:,} bytes (what "
+                        f"`bitlm compress` takes); this one has {len(data):,}")
+    raw = bytes(data[0:len(data)])
+    model = copy.deepcopy(run.model) if adapt is not None else run.model
+    table = FrameTable(run.comps.encoder, run.model.frame_bits)
+    header = StreamHeader(length=len(raw), sha256=hashlib.sha256(raw).hexdigest(),
+                          model=fingerprint(run.model), segment=segment,
+                          run=str(Path(run.run_dir).resolve()), step=run.step,
+                          adapt=adapt.to_dict() if adapt else None,
+                          environment=environment()).to_bytes()
+    bits = code_length(model, table, raw, segment, adapt, progress)
+    payload = 4 * (-(-int(bits) // 32) + 1) if raw else 4
+    total = len(header) + payload
+    return {"code_bits_per_byte": bits / len(raw) if raw else None,
+            "stream_bytes": total, "header_bytes": len(header),
+            "stream_bits_per_byte": 8 * total / len(raw) if raw else None,
+            "segment": segment, "adapt": adapt.to_dict() if adapt else None}

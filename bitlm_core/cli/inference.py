@@ -66,12 +66,25 @@ def eval_(
                                               "gives every byte more context and costs more."),
     as_json: bool = typer.Option(False, "--json", help='Print {"bits_per_byte": ..., '
                                  '"bytes": ...}.'),
+    coded: bool = typer.Option(False, "--coded", help="Also count what `bitlm compress` "
+                               "would write for the text (its header and the coder's words "
+                               "included), coding it as compress does: slower."),
+    segment: int = typer.Option(4096, "--segment", min=1, max=1 << 30,
+                                help="--coded: bytes per segment, as `bitlm compress "
+                                     "--segment`."),
+    adapt: bool = typer.Option(False, "--adapt", help="--coded with online adaptation, as "
+                               "`bitlm compress --adapt` (implies --coded)."),
+    adapt_every: int = typer.Option(64, "--adapt-every", min=1, max=1 << 20,
+                                    help="--adapt: bytes of each segment between updates."),
+    adapt_lr: float = typer.Option(5e-4, "--adapt-lr", min=1e-8, max=0.5,
+                                   help="--adapt: learning rate of the updates."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     device: str = typer.Option("auto", "--device", help="Where the model runs: auto (cuda, "
                                "else mps, else cpu), cpu, cuda, cuda:N or mps; any run loads "
                                "on any device."),
 ) -> None:
-    """Bits per byte of a run's model on any text file, scored with a sliding window."""
+    """Bits per byte of a run's model on any text file, scored with a sliding window; with
+    --coded, also the size of a compressed file of it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bitlm_core.app.evaluate import evaluate_bytes, read_text_file
@@ -88,6 +101,17 @@ def eval_(
         result = evaluate_bytes(loaded, data, str(text), stride=stride,
                                 progress=lambda done, total: bar.update(
                                     task, completed=done, total=total))
+    if coded or adapt:
+        from bitlm_core.app.coding import Adapt
+        from bitlm_core.app.evaluate import coded_size
+
+        with Progress(TextColumn("coding"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total} bytes per segment"), TimeRemainingColumn(), console=err,
+                      transient=True, disable=as_json) as bar:
+            task = bar.add_task("coding", total=None)
+            result["coded"] = coded_size(
+                loaded, data, segment, Adapt(every=adapt_every, lr=adapt_lr) if adapt else None,
+                progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         out.print_json(json.dumps(result))
     else:
@@ -98,6 +122,13 @@ def eval_(
         if "act_blocks" in result:
             out.print(f"halting depth: {result['act_blocks']:.2f} of "
                       f"{len(loaded.model.blocks)} blocks per position on average")
+        c = result.get("coded")
+        if c is not None and c["stream_bits_per_byte"] is not None:
+            out.print(f"compressed ({'adaptive, ' if c['adapt'] else ''}segments of "
+                      f"{c['segment']:,} bytes): {c['code_bits_per_byte']:.4f} bits per byte "
+                      f"coded, a stream of {c['stream_bytes']:,} bytes "
+                      f"({c['stream_bits_per_byte']:.4f} bits per byte with its "
+                      f"{c['header_bytes']}-byte header)", soft_wrap=True)
 
 
 def sample(

@@ -159,8 +159,9 @@ class Trainer:
 
     def checkpoint(self, state: TrainState) -> Path:
         """Save a checkpoint of ``state`` (every process calls it). Sharded (``fsdp``,
-        ``pipeline``): each process writes its shards, and at the end of the run (:attr:`ending`) rank 0 adds the
-        whole weights, which :attr:`final_weights` keeps for sampling; else rank 0 writes it.
+        ``pipeline``): each process writes its shards, and at the end of the run
+        (:attr:`ending`) rank 0 adds the whole weights, which :attr:`final_weights` keeps for
+        sampling; else rank 0 writes it.
         It is complete, and ``latest`` names it, only once every process has written."""
         whole = self.ending
         self.whole_model()

@@ -199,7 +199,9 @@ class BitTransformerLM(nn.Module):
 
         return self.cached_decoder(prompt) if cache else FullForwardDecoder(self, prompt)
 
-    def cached_decoder(self, prompt):
+    def cached_decoder(self, prompt, bounded: bool = False):
+        """The layout's key/value-cached decoder (see :meth:`decoder`); ``bounded`` keeps only
+        the history it may need again (for coding long streams)."""
         raise NotImplementedError
 
     def frame_states(self, tokens):

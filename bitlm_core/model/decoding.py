@@ -27,11 +27,14 @@ class CachedDecoder:
     cache from whole frames) and ``_push`` (take one more bit).
 
     When the context is full the decoder keeps the last half of it (cut at a frame boundary)
-    and re-primes, so generation can run past ``max_frames``.
+    and re-primes, so generation can run past ``max_frames``. ``bounded`` keeps only the last
+    ``max_frames`` whole frames of ``history`` (all that re-priming reads), so that decoding a
+    long stream costs the same per bit all along.
     """
 
-    def __init__(self, model, prompt):
+    def __init__(self, model, prompt, bounded: bool = False):
         self.model, self.Fb, self.history = model, model.frame_bits, prompt_bits(model, prompt)
+        self.window = model.cfg.max_frames * self.Fb if bounded else None
         self.last = None  # logits of the next bit
         with torch.no_grad():
             self._prime(self.history)
@@ -54,6 +57,13 @@ class CachedDecoder:
         bit = bit.to(self.history.device, torch.uint8).view(-1, 1)
         self.history = torch.cat([self.history, bit], dim=1)
         self._push(bit)
+        self._bound()
+
+    def _bound(self) -> None:
+        """``bounded``: drop the history's oldest whole frames past the window."""
+        L = self.history.size(1)
+        if self.window is not None and L > self.window and L % self.Fb == 0:
+            self.history = self.history[:, L - self.window:]  # whole frames: it starts on one
 
     def _prime(self, bits, trim: bool = False) -> None:
         raise NotImplementedError

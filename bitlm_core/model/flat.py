@@ -53,8 +53,8 @@ class FlatBitLM(BitTransformerLM):
     def causal_head(self, h, tokens):
         return self.head(h)
 
-    def cached_decoder(self, prompt):
-        return FlatDecoder(self, prompt)
+    def cached_decoder(self, prompt, bounded: bool = False):
+        return FlatDecoder(self, prompt, bounded)
 
 
 class FlatDecoder(CachedDecoder):

@@ -94,8 +94,8 @@ class FramedBitLM(BitTransformerLM):
         frames = self.frames(tokens)
         return self.backbone(self.mix_neighbours(self.embed_frames(frames)), False)[0]
 
-    def cached_decoder(self, prompt):
-        return FramedDecoder(self, prompt)
+    def cached_decoder(self, prompt, bounded: bool = False):
+        return FramedDecoder(self, prompt, bounded)
 
 
 class FramedDecoder(CachedDecoder):
@@ -118,6 +118,38 @@ class FramedDecoder(CachedDecoder):
         full = torch.zeros(self.h.size(0), self.Fb, dtype=torch.long, device=self.h.device)
         full[:, :j] = self.frame_prefix
         return self.model.local(self.h, full)[:, j]  # entry j only uses bits < j
+
+    @torch.no_grad()
+    def frame_log_probs(self):
+        """Log-probabilities (B, V) of the next frame's values, from a local predictor that
+        scores whole frames (``joint``), or None for the others; only between frames."""
+        if not hasattr(self.model.local, "frame_log_probs") or self.frame_prefix.size(1):
+            return None
+        return self.model.local.frame_log_probs(self.h)
+
+    @torch.no_grad()
+    def push_frame(self, frame) -> None:
+        """Take a whole frame (B, F) at once: what pushing its bits one by one does, without
+        the local predictor's logits of each bit (between frames only)."""
+        m, frame = self.model, frame.to(self.history.device, torch.uint8)
+        if self.frame_prefix.size(1):
+            raise ValueError("push_frame between frames only")
+        self.history = torch.cat([self.history, frame], dim=1)
+        if self.pos >= m.cfg.max_frames:
+            self._prime(self.history, trim=True)
+        else:
+            h, _ = m.backbone(m.embed_frames(frame.view(-1, 1, self.Fb)), True, start=self.pos,
+                              caches=self.caches)
+            self.pos += 1
+            self.h = h[:, -1]
+            self.last = None  # computed when asked for (:meth:`logits`)
+        self._bound()
+
+    @torch.no_grad()
+    def logits(self):
+        if self.last is None:
+            self.last = self._local_logits()
+        return self.last
 
     def _push(self, bit) -> None:
         m = self.model

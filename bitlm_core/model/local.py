@@ -180,6 +180,11 @@ class JointBitPredictor(nn.Module):
             pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
         return torch.stack(pairs, dim=-2).clamp_min(torch.finfo(e.dtype).tiny).log()
 
+    def frame_log_probs(self, h):
+        """h (..., C) -> (..., 2**n) log-probabilities of the frame's values (MSB first; the
+        data values when the last bit is parity): the distribution the bits are read from."""
+        return torch.log_softmax(self.head(self.ln(h)).float(), dim=-1)
+
     def _marginals(self, e, n: int, known=None):
         """Marginal of every bit under the value distribution, restricted (when ``known`` is
         given) to the values that agree with the frame's known bits (a MASK agrees with
