@@ -187,6 +187,11 @@ def test_segments_cover_the_text_in_order(n, segment):
     assert len(lengths) == 0 or 1 <= lengths[-1] <= segment
 
 
+def test_more_segments_than_can_be_coded_are_one_message():
+    with pytest.raises(CodecError, match="use a longer --segment"):
+        segment_lengths(1 << 40, 1)
+
+
 def test_the_fingerprint_changes_with_any_weight():
     model = copy.deepcopy(tiny("framed", "joint", True))
     before = fingerprint(model)

@@ -42,6 +42,7 @@ ONE = 1 << PRECISION
 FRAME_PRECISION = 24  # bits of the total of a coded byte's 256 probabilities
 FRAME_ONE = 1 << FRAME_PRECISION
 DEFAULT_SEGMENT = 4096  # bytes per segment (BENCHMARKS.md, The model as a compressor)
+MAX_SEGMENTS = 1 << 20  # segments side by side (a stream's header is checked against it)
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,31 @@ def segment_lengths(n: int, segment: int) -> np.ndarray:
     if segment < 1:
         raise ValueError("segment must be at least 1 byte")
     count = -(-n // segment)
+    if count > MAX_SEGMENTS:
+        raise CodecError(f"{n:,} bytes in segments of {segment:,} make {count:,} segments, more "
+                         f"than the {MAX_SEGMENTS:,} that can be coded side by side; use a "
+                         "longer --segment")
     lengths = np.full(count, segment, dtype=np.int64)
     if count:
         lengths[-1] = n - segment * (count - 1)
     return lengths
+
+
+MAX_DECODER_BYTES = 2 << 30  # memory the side-by-side segments' key/value caches may take
+
+
+def check_segments(model, rows: int, segment: int) -> None:
+    """A CodecError when ``rows`` segments side by side would need more memory for the
+    decoder's key/value caches than :data:`MAX_DECODER_BYTES` (a stream's header says how many
+    there are: it is checked before anything is allocated)."""
+    cfg = model.cfg
+    per_row = 4 * cfg.n_layers * 2 * cfg.max_frames * cfg.d_model + 64 * cfg.max_frames
+    if rows * per_row > MAX_DECODER_BYTES:
+        most = max(1, MAX_DECODER_BYTES // per_row)
+        raise CodecError(f"{rows:,} segments of {segment:,} bytes side by side would need "
+                         f"{rows * per_row / 2**30:,.1f} GiB for the model's caches (at most "
+                         f"{most:,} segments fit in {MAX_DECODER_BYTES / 2**30:.0f} GiB); use "
+                         "a longer --segment")
 
 
 def code_segments(model, table: FrameTable, lengths: np.ndarray, coder: BitCoder,
@@ -190,6 +212,7 @@ def code_segments(model, table: FrameTable, lengths: np.ndarray, coder: BitCoder
     rows, frames = len(lengths), int(lengths.max()) if len(lengths) else 0
     if rows == 0:
         return b""
+    check_segments(model, rows, frames)
     device = next(model.parameters()).device
     known = None
     if data is not None:  # (rows, frames) byte values, zeros past a segment's end

@@ -78,8 +78,8 @@ def test_any_bytes_round_trip_exactly(run, tmp_path, data, segment, adapt):
 
 
 @pytest.mark.parametrize("data", [b"", b"x", bytes(range(256)) * 3, b"\xff\xfe\x00\x80" * 50,
-                                  b"a" * 100_000, TEXT.encode()[-3000:]],
-                         ids=["empty", "one byte", "every byte", "not utf-8", "100 KB of a",
+                                  b"a" * 30_000, TEXT.encode()[-3000:]],
+                         ids=["empty", "one byte", "every byte", "not utf-8", "30 KB of a",
                               "text"])
 def test_the_cases_that_must_round_trip(run, tmp_path, data):
     round_trip(run, data, tmp_path, segment=4096)
@@ -153,6 +153,18 @@ def test_streams_that_cannot_be_restored_fail_with_one_message_and_no_output(run
         assert "Traceback" not in result.output and str(bad.name) in result.output, name
         assert not out.exists(), name
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.txt")], name
+
+
+def test_too_many_segments_are_refused_before_anything_is_allocated(run, tmp_path,
+                                                                    monkeypatch):
+    import bitlm_core.app.coding as coding
+
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"abc" * 100)
+    monkeypatch.setattr(coding, "MAX_DECODER_BYTES", 1 << 20)
+    result = cli("compress", str(run), str(src), str(tmp_path / "a.bitlm"), "--segment", "1")
+    assert result.exit_code == 2 and "use a longer --segment" in result.output
+    assert not (tmp_path / "a.bitlm").exists()
 
 
 def test_files_are_never_overwritten_unless_asked(run, tmp_path):
