@@ -17,8 +17,9 @@ coded: it follows from the data bits.
 Online adaptation (:class:`Adapt`): after every ``every`` frames, both sides take the same
 optimizer steps on the windows coded so far (the latest ``max_frames`` bytes of every
 segment), and the decoder is primed again with the changed weights. Floating-point results
-then depend on the machine: the torch build, the thread count and the CPU must match between
-the two sides (:func:`environment`, recorded in a stream's header).
+depend on the machine, static coding's too (adaptation only makes a difference grow): the
+torch build, the thread count and the CPU must match between the two sides
+(:func:`environment`, recorded in a stream's header).
 
 :func:`code_length` counts, without writing anything, the bits a coder needs for a text: the
 sum of ``-log2`` of the quantised probabilities of its coded bits. An arithmetic (range) coder
@@ -41,6 +42,7 @@ PRECISION = 16  # bits of each coded bit's probability
 ONE = 1 << PRECISION
 FRAME_PRECISION = 24  # bits of the total of a coded byte's 256 probabilities
 FRAME_ONE = 1 << FRAME_PRECISION
+CODER = f"range32/bits{PRECISION}/bytes{FRAME_PRECISION}"  # a stream's coder and quantisation
 DEFAULT_SEGMENT = 4096  # bytes per segment (BENCHMARKS.md, The model as a compressor)
 MAX_SEGMENTS = 1 << 20  # segments side by side (a stream's header is checked against it)
 
@@ -86,10 +88,16 @@ def quantize(logits) -> np.ndarray:
 
 
 def fingerprint(model) -> str:
-    """A digest of the model's weights (names, dtypes, shapes and values): 32 hex digits."""
+    """A digest of what the model computes: its config, its attention backend and its weights
+    (names, dtypes, shapes and values): 32 hex digits."""
+    import json
+
     import torch
 
-    h = hashlib.sha256()
+    backend = model.blocks[0].attn.backend
+    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{type(backend).__module__}.{type(backend).__qualname__}:"
+             f"{getattr(backend, 'name', '')};".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous().view(-1)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -176,8 +184,8 @@ def segment_lengths(n: int, segment: int) -> np.ndarray:
     count = -(-n // segment)
     if count > MAX_SEGMENTS:
         raise CodecError(f"{n:,} bytes in segments of {segment:,} make {count:,} segments, more "
-                         f"than the {MAX_SEGMENTS:,} that can be coded side by side; use a "
-                         "longer --segment")
+                         f"than the {MAX_SEGMENTS:,} that can be coded side by side; "
+                         "compress with a longer --segment")
     lengths = np.full(count, segment, dtype=np.int64)
     if count:
         lengths[-1] = n - segment * (count - 1)
@@ -185,6 +193,7 @@ def segment_lengths(n: int, segment: int) -> np.ndarray:
 
 
 MAX_DECODER_BYTES = 2 << 30  # memory the side-by-side segments' key/value caches may take
+ADAPT_ROWS = 64  # windows per forward pass of an adaptation step (their gradients add up)
 
 
 def check_segments(model, rows: int, segment: int) -> None:
@@ -192,13 +201,14 @@ def check_segments(model, rows: int, segment: int) -> None:
     decoder's key/value caches than :data:`MAX_DECODER_BYTES` (a stream's header says how many
     there are: it is checked before anything is allocated)."""
     cfg = model.cfg
-    per_row = 4 * cfg.n_layers * 2 * cfg.max_frames * cfg.d_model + 64 * cfg.max_frames
+    positions = cfg.max_positions  # the flat layout caches one position per bit
+    per_row = 4 * cfg.n_layers * 2 * positions * cfg.d_model + 64 * positions
     if rows * per_row > MAX_DECODER_BYTES:
         most = max(1, MAX_DECODER_BYTES // per_row)
         raise CodecError(f"{rows:,} segments of {segment:,} bytes side by side would need "
                          f"{rows * per_row / 2**30:,.1f} GiB for the model's caches (at most "
-                         f"{most:,} segments fit in {MAX_DECODER_BYTES / 2**30:.0f} GiB); use "
-                         "a longer --segment")
+                         f"{most:,} segments fit in {MAX_DECODER_BYTES / 2**30:.0f} GiB); "
+                         "compress with a longer --segment")
 
 
 def code_segments(model, table: FrameTable, lengths: np.ndarray, coder: BitCoder,
@@ -265,7 +275,7 @@ def _code_bits(decoder, table: FrameTable, coder: BitCoder, active, target, devi
             bit = (frame[:, :-1].sum(axis=1) % 2).astype(np.uint8)
         else:
             q = quantize(decoder.logits())
-            bit = np.zeros(rows, dtype=np.uint8)
+            bit = np.full(rows, table.bits[0, j], dtype=np.uint8)  # ended rows: byte 0's frame
             bit[active] = coder(q[active], None if target is None else target[active, j])
         frame[:, j] = bit
         decoder.push(torch.from_numpy(bit).to(device))
@@ -296,11 +306,14 @@ def _adapt(model, optimizer, table: FrameTable, done: np.ndarray, adapt: Adapt) 
     window = min(done.shape[1], model.cfg.max_frames)
     bits = torch.from_numpy(table.bits[done[:, -window:]].reshape(done.shape[0], -1)).to(
         next(model.parameters()).device)
+    rows = bits.size(0)
     for _ in range(adapt.steps):
         optimizer.zero_grad(set_to_none=True)
-        logits = model(bits, causal=True).float()
-        loss = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1).long())
-        loss.backward()
+        for at in range(0, rows, ADAPT_ROWS):  # fixed chunks: memory bounded, same on both sides
+            part = bits[at:at + ADAPT_ROWS]
+            logits = model(part, causal=True).float()
+            loss = F.cross_entropy(logits.reshape(-1, 2), part.reshape(-1).long())
+            (loss * (part.size(0) / rows)).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -131,7 +131,8 @@ def coded_size(run: LoadedRun, data, segment: int, adapt=None,
     import hashlib
     from pathlib import Path
 
-    from bitlm_core.app.coding import (FrameTable, code_length, environment, fingerprint)
+    from bitlm_core.app.coding import (CODER, FrameTable, code_length, environment,
+                                       fingerprint)
     from bitlm_core.store.stream import StreamHeader
 
     if not getattr(run.comps.objective, "causal", False):
@@ -147,7 +148,8 @@ def coded_size(run: LoadedRun, data, segment: int, adapt=None,
                           model=fingerprint(run.model), segment=segment,
                           run=str(Path(run.run_dir).resolve()), step=run.step,
                           adapt=adapt.to_dict() if adapt else None,
-                          environment=environment()).to_bytes()
+                          environment=environment(), coder=CODER,
+                          words=len(raw) // 4, payload="0" * 64).to_bytes()
     bits = code_length(model, table, raw, segment, adapt, progress)
     payload = 4 * (-(-int(bits) // 32) + 1) if raw else 4
     total = len(header) + payload

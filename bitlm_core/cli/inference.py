@@ -94,6 +94,13 @@ def eval_(
     set_threads(threads)
     loaded = load_run(run_dir, device=device)
     data = read_text_file(text)
+    if coded or adapt:
+        from bitlm_core.app.evaluate import MAX_CODED_BYTES
+        from bitlm_core.errors import DataError
+
+        if len(data) > MAX_CODED_BYTES:
+            raise DataError(f"--coded counts texts of up to {MAX_CODED_BYTES:,} bytes (what "
+                            f"`bitlm compress` takes); {text} has {len(data):,}")
     with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} windows"), TimeRemainingColumn(), console=err,
                   transient=True, disable=as_json) as bar:

@@ -9,8 +9,9 @@ The header says what decoding needs and how to check it: the original ``length``
 ``sha256`` (verified after decoding), the ``model`` fingerprint (a digest of the weights:
 decoding with another model is refused before it starts), the ``run`` folder and checkpoint
 ``step`` that compressed it, the ``segment`` length, the probability ``precision``, the
-``adapt`` settings of online adaptation (or null) and the ``environment`` the probabilities
-were computed in (torch build, threads, CPU). Everything read is bounded and checked first:
+``adapt`` settings of online adaptation (or null), the ``environment`` the probabilities
+were computed in (torch build, threads, CPU), and the payload's length in ``words`` and its
+SHA-256 (``payload``), checked before anything is decoded. Everything read is bounded and checked first:
 a stream that is not one, is truncated, or claims more than a caller allows is one
 :class:`~bitlm_core.errors.CodecError`. Nothing is evaluated; JSON is parsed as data.
 """
@@ -44,6 +45,8 @@ class StreamHeader:
     adapt: Optional[dict[str, Any]] = None
     environment: dict[str, Any] = field(default_factory=dict)
     coder: str = "range32"
+    words: int = 0  # 32-bit words of payload
+    payload: str = "0" * 64  # their SHA-256: a truncated or damaged stream is found at once
 
     def to_bytes(self) -> bytes:
         text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -73,21 +76,24 @@ def read_header(blob: bytes, source: str = "stream") -> tuple[StreamHeader, int]
     _check(len(blob) >= PREFIX + size, source, "it is truncated")
     try:
         raw = json.loads(blob[PREFIX:PREFIX + size].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CodecError(f"{source}: the stream header is damaged (not JSON)") from None
     _check(isinstance(raw, dict), source, "not an object")
     names = {f for f in StreamHeader.__dataclass_fields__}
     _check(set(raw) == names, source, "unexpected or missing fields")
-    ints = {"length": MAX_LENGTH, "segment": MAX_LENGTH, "precision": 30, "step": 1 << 62}
+    ints = {"length": MAX_LENGTH, "segment": MAX_LENGTH, "precision": 30, "step": 1 << 62,
+            "words": MAX_LENGTH}
     for key, top in ints.items():
         v = raw[key]
         _check(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top, source, key)
     _check(raw["segment"] >= 1 and raw["precision"] >= 2, source, "segment or precision")
-    for key, n in (("sha256", 64), ("model", 32)):
+    for key, n in (("sha256", 64), ("model", 32), ("payload", 64)):
         _check(isinstance(raw[key], str) and len(raw[key]) == n
                and _HEX.fullmatch(raw[key]) is not None, source, key)
     _check(isinstance(raw["run"], str) and isinstance(raw["coder"], str), source, "run or coder")
-    _check(isinstance(raw["environment"], dict), source, "environment")
+    _check(isinstance(raw["environment"], dict) and len(raw["environment"]) <= 16
+           and all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                   for v in raw["environment"].values()), source, "environment")
     adapt = raw["adapt"]
     if adapt is not None:
         _check(isinstance(adapt, dict) and set(adapt) == {"every", "lr", "steps"}, source,
@@ -95,7 +101,7 @@ def read_header(blob: bytes, source: str = "stream") -> tuple[StreamHeader, int]
         _check(isinstance(adapt["every"], int) and not isinstance(adapt["every"], bool)
                and 1 <= adapt["every"] <= 1 << 20, source, "adapt.every")
         _check(isinstance(adapt["steps"], int) and not isinstance(adapt["steps"], bool)
-               and 1 <= adapt["steps"] <= 100, source, "adapt.steps")
+               and 1 <= adapt["steps"] <= 8, source, "adapt.steps")
         _check(isinstance(adapt["lr"], (int, float)) and not isinstance(adapt["lr"], bool)
                and 0 < adapt["lr"] < 1, source, "adapt.lr")
     return StreamHeader(**raw), PREFIX + size

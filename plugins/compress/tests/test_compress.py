@@ -163,8 +163,25 @@ def test_too_many_segments_are_refused_before_anything_is_allocated(run, tmp_pat
     src.write_bytes(b"abc" * 100)
     monkeypatch.setattr(coding, "MAX_DECODER_BYTES", 1 << 20)
     result = cli("compress", str(run), str(src), str(tmp_path / "a.bitlm"), "--segment", "1")
-    assert result.exit_code == 2 and "use a longer --segment" in result.output
+    assert result.exit_code == 2 and "longer --segment" in result.output
     assert not (tmp_path / "a.bitlm").exists()
+
+
+def test_a_header_that_asks_for_too_many_segments_is_refused(run, tmp_path):
+    import dataclasses
+
+    from bitlm_core.store.stream import read_header
+
+    src, packed = tmp_path / "a.txt", tmp_path / "a.bitlm"
+    src.write_bytes(b"abc" * 100)
+    assert cli("compress", str(run), str(src), str(packed)).exit_code == 0
+    blob = packed.read_bytes()
+    header, start = read_header(blob)
+    hostile = dataclasses.replace(header, length=3_000_000, segment=1)
+    packed.write_bytes(hostile.to_bytes() + blob[start:])
+    result = cli("decompress", str(packed), str(tmp_path / "out"))
+    assert result.exit_code == 2 and "longer --segment" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_files_are_never_overwritten_unless_asked(run, tmp_path):

@@ -10,14 +10,15 @@ compress by ``MAX_INPUT``, a stream's claimed length by the caller's ``max_bytes
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from bitlm_core.app.coding import (PRECISION, Adapt, FrameTable, code_segments, environment,
-                                   fingerprint, segment_lengths)
+from bitlm_core.app.coding import (CODER, PRECISION, Adapt, FrameTable, code_segments,
+                                   environment, fingerprint, segment_lengths)
 from bitlm_core.errors import CodecError, DataError
 from bitlm_core.store.atomic import atomic_write_bytes
 from bitlm_core.store.stream import StreamHeader, read_header
@@ -52,6 +53,16 @@ def check_output(src: Path, dst: Path, force: bool) -> None:
         raise DataError(f"{dst} already exists; pass --force to replace it")
     if not Path(dst).parent.is_dir():
         raise DataError(f"the folder of {dst} does not exist")
+    if not os.access(Path(dst).parent, os.W_OK):
+        raise DataError(f"cannot write into the folder of {dst}")
+
+
+def write_output(dst: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(Path(dst), data)
+    except OSError as exc:
+        raise DataError(f"cannot write {dst}: {exc.strerror or exc}; nothing was written") \
+            from None
 
 
 def _model_of(loaded) -> tuple[Any, FrameTable]:
@@ -73,17 +84,21 @@ def compress_file(run_dir: Path, src: Path, dst: Path, segment: int,
     data = read_input(src, MAX_INPUT, "file to compress")
     loaded = load_run(run_dir, log=lambda m: None, device="cpu")
     model, table = _model_of(loaded)
-    header = StreamHeader(length=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                          model=fingerprint(model), segment=segment, precision=PRECISION,
-                          run=str(Path(run_dir).resolve()), step=loaded.step,
-                          adapt=adapt.to_dict() if adapt else None, environment=environment())
+    weights = fingerprint(model)  # before adaptation changes them
+    lengths = segment_lengths(len(data), segment)
     started = time.perf_counter()
     coder = RangeBitEncoder()
-    code_segments(model, table, segment_lengths(len(data), segment), coder, data, adapt,
-                  progress)
+    code_segments(model, table, lengths, coder, data, adapt, progress)
     seconds = time.perf_counter() - started
-    stream = header.to_bytes() + coder.words().astype("<u4").tobytes()
-    atomic_write_bytes(Path(dst), stream)
+    payload = coder.words().astype("<u4").tobytes()
+    header = StreamHeader(length=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                          model=weights, segment=segment, precision=PRECISION,
+                          run=str(Path(run_dir).resolve()), step=loaded.step,
+                          adapt=adapt.to_dict() if adapt else None, environment=environment(),
+                          coder=CODER, words=len(payload) // 4,
+                          payload=hashlib.sha256(payload).hexdigest())
+    stream = header.to_bytes() + payload
+    write_output(Path(dst), stream)
     return {"input_bytes": len(data), "stream_bytes": len(stream),
             "bits_per_byte": 8 * len(stream) / len(data) if data else None,
             "seconds": round(seconds, 3), "segment": segment, "adapt": header.adapt,
@@ -117,15 +132,21 @@ def decompress_file(src: Path, dst: Path, run_dir: Optional[Path] = None, force:
     if header.length > max_bytes:
         raise CodecError(f"{src} says it holds {header.length:,} bytes, more than --max-bytes "
                          f"{max_bytes:,}; raise --max-bytes if you expect a file that large")
-    if header.coder != "range32" or header.precision != PRECISION:
-        raise CodecError(f"{src} was coded with {header.coder} at {header.precision}-bit "
-                         f"probabilities; this bitlm-compress codes range32 at {PRECISION}")
-    if (len(blob) - start) % 4:
-        raise CodecError(f"{src} is truncated (its payload is not whole 32-bit words)")
+    if header.coder != CODER or header.precision != PRECISION:
+        raise CodecError(f"{src} was coded with {header.coder}; this bitlm-compress codes "
+                         f"{CODER}")
+    payload = blob[start:]
+    if len(payload) != 4 * header.words or \
+            hashlib.sha256(payload).hexdigest() != header.payload:
+        raise CodecError(f"{src} is truncated or damaged: its payload is {len(payload):,} bytes "
+                         f"and the header says {4 * header.words:,}"
+                         + ("" if len(payload) != 4 * header.words else
+                            ", with another checksum") + "; nothing was decoded")
     run = Path(run_dir) if run_dir is not None else Path(header.run)
     if not run.is_dir():
         raise CodecError(f"the run that compressed {src} ({header.run}) is not there; pass "
-                         "--run with that run's folder")
+                         "--run with that run's folder" if run_dir is None else
+                         f"--run {run} is not a run folder")
     loaded = load_run(run, log=lambda m: None, device="cpu")
     model, table = _model_of(loaded)
     if fingerprint(model) != header.model:
@@ -140,7 +161,7 @@ def decompress_file(src: Path, dst: Path, run_dir: Optional[Path] = None, force:
             + "; ".join(unlike) + "): decoding needs the same floating-point results, and "
             "may fail")
     adapt = Adapt(**header.adapt) if header.adapt else None
-    words = np.frombuffer(blob[start:], dtype="<u4").astype(np.uint32)
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
     data = code_segments(model, table, segment_lengths(header.length, header.segment),
                          RangeBitDecoder(words), None, adapt, progress)
     if hashlib.sha256(data).hexdigest() != header.sha256:
@@ -148,6 +169,6 @@ def decompress_file(src: Path, dst: Path, run_dir: Optional[Path] = None, force:
                if unlike else ": the stream is damaged or truncated")
         raise CodecError(f"{src} decodes to bytes whose SHA-256 is not the original's{why}. "
                          f"Nothing was written to {dst}")
-    atomic_write_bytes(Path(dst), data)
+    write_output(Path(dst), data)
     return {"output_bytes": len(data), "stream_bytes": len(blob), "run": str(run),
             "step": loaded.step}
