@@ -138,10 +138,10 @@ def decompress_file(src: Path, dst: Path, run_dir: Optional[Path] = None, force:
     payload = blob[start:]
     if len(payload) != 4 * header.words or \
             hashlib.sha256(payload).hexdigest() != header.payload:
-        raise CodecError(f"{src} is truncated or damaged: its payload is {len(payload):,} bytes "
-                         f"and the header says {4 * header.words:,}"
-                         + ("" if len(payload) != 4 * header.words else
-                            ", with another checksum") + "; nothing was decoded")
+        why = (f"its payload is {len(payload):,} bytes and the header says "
+               f"{4 * header.words:,}" if len(payload) != 4 * header.words else
+               "its payload does not match the header's checksum")
+        raise CodecError(f"{src} is truncated or damaged: {why}; nothing was decoded")
     run = Path(run_dir) if run_dir is not None else Path(header.run)
     if not run.is_dir():
         raise CodecError(f"the run that compressed {src} ({header.run}) is not there; pass "
