@@ -30,7 +30,6 @@ and the ``compress`` / ``decompress`` commands are the ``bitlm-compress`` plugin
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -349,7 +348,3 @@ def code_length(model, table: FrameTable, data: bytes, segment: int = DEFAULT_SE
     code_segments(model, table, segment_lengths(len(data), segment), counter, data, adapt,
                   progress)
     return counter.bits
-
-
-def bits_per_byte(bits: float, n: int) -> float:
-    return bits / n if n else math.nan
