@@ -229,3 +229,17 @@ def bitlm_commands() -> Iterable["CommandSpec"]:  # noqa: F821
             yield CommandSpec("dashboard", "my_dashboard.cli:dashboard_app",
                               "a local web page of runs")
     """
+
+
+@hookspec
+def bitlm_reporters() -> Iterable["ReporterSpec"]:  # noqa: F821
+    """Provide reporters: components that write what a person reads about runs (a report page,
+    plots). ``bitlm run`` calls every installed one on the run folder when it ends (switch it
+    off with ``output.report: false``); a reporter that fails is a warning, never a failed run.
+
+    Example::
+
+        @hookimpl
+        def bitlm_reporters():
+            yield ReporterSpec("html", "bitlm_report.html:HtmlReport", "report.html and PNGs")
+    """

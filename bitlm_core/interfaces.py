@@ -151,3 +151,14 @@ class Callback(Protocol):
     def on_interrupt(self, trainer: Any, state: Any) -> None: ...
 
     def on_end(self, trainer: Any, state: Any) -> None: ...
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """Writes files a person reads about runs: ``write(runs, out)`` reads the run folders
+    ``runs`` (one, or several to overlay) and writes into the folder ``out``, returning the
+    paths written. It must only read the runs, and write nothing but its own files."""
+
+    name: str
+
+    def write(self, runs: Any, out: Any) -> list: ...

@@ -161,6 +161,17 @@ class CommandSpec(ComponentSpec):
 
 
 @dataclass(frozen=True)
+class ReporterSpec(ComponentSpec):
+    """Writes what a person reads about finished runs (``report.html`` and plots).
+
+    The factory returns a :class:`bitlm_core.interfaces.Reporter`. ``bitlm run`` calls every
+    installed reporter on the run folder when it ends (unless ``output.report`` is false).
+    """
+
+    kind: ClassVar[str] = "reporter"
+
+
+@dataclass(frozen=True)
 class Kind:
     """One kind of component: the hook that provides it and its record type."""
 
@@ -184,5 +195,6 @@ KINDS: dict[str, Kind] = {
         Kind("corpus", "bitlm_corpora", CorpusSpec, "corpora"),
         Kind("callback", "bitlm_callbacks", CallbackSpec, "training callbacks"),
         Kind("command", "bitlm_commands", CommandSpec, "commands"),
+        Kind("reporter", "bitlm_reporters", ReporterSpec, "reporters"),
     ]
 }

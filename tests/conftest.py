@@ -80,6 +80,9 @@ def tiny_spec_dict(corpus: Path, layout: str = "framed", steps: int = 6) -> dict
         "train": {"steps": steps, "batch_size": 4, "warmup_steps": 2, "eval_every": 3,
                   "eval_batches": 2, "checkpoint_every": 2, "log_every": 1, "lr": 0.003},
         "sample": {"prompt": "the ", "bytes": 8},
+        # report.html and plots (bitlm-report, when installed) cost ~1.5 s per run: tests of
+        # other things leave them out; tests of reports switch them on
+        "output": {"report": False},
     }
 
 

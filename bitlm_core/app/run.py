@@ -264,9 +264,32 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
         "held_out_bytes": final["bytes"], "is_bound": final["bound"],
         **({"act_blocks": final["act_blocks"]} if "act_blocks" in final else {}),
         "samples": [s.text for s in samples], "sample_words_in_training_text": words_known,
+        "sample_verdicts": [{"seed": spec.sample.seed + i, "allowed": bool(s.decision),
+                             "reasons": list(s.decision.reasons),
+                             "metrics": {k: float(v) for k, v in s.decision.metrics.items()}}
+                            for i, s in enumerate(samples)],
+        "gate": {"name": spec.safety.gate.name,
+                 "floors": dict(getattr(comps.gate, "floors", None) or {})},
     }
     atomic_write_text(trainer.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    if spec.output.report:
+        write_reports([trainer.run_dir], trainer.run_dir, trainer.log)
     return summary
+
+
+def write_reports(runs: list[Path], out: Path, log: Callable[[str], None]) -> list[Path]:
+    """Every installed reporter's files about ``runs``, written into ``out``; a reporter that
+    fails is logged (the run is complete without it) and the others go on."""
+    from bitlm_core.registry import get_registry
+
+    registry, written = get_registry(), []
+    for name in registry.names("reporter"):
+        try:
+            written += registry.build("reporter", name).write(list(runs), Path(out))
+        except Exception as exc:  # noqa: BLE001 - a report is never worth a failed run
+            log(f"warning: reporter '{name}' failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                f"the run is complete; `bitlm report {out}` tries again")
+    return written
 
 
 def write_samples(run_dir: Path, samples: list[SampleResult], comps: Components) -> None:

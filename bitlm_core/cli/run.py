@@ -99,16 +99,11 @@ def validate(
 ) -> None:
     """Check a spec: keys, types, component names and options, and that every component
     builds and fits the others (as `bitlm run` would). Builds no model and no tensors."""
-    from bitlm_core.app.build import check_memory, placement
-    from bitlm_core.app.run import build_callbacks
-    from bitlm_core.components import Components
+    from bitlm_core.app.control import check_spec
     from bitlm_core.spec import load_spec
 
     run_spec = load_spec(spec, override or [])
-    comps = Components.build(run_spec)
-    build_callbacks(comps)
-    check_memory(comps.spec, comps)
-    placement(comps.spec)
+    comps = check_spec(run_spec)
     table = Table(title=f"{spec} is valid", show_lines=False)
     for col in ("slot", "component", "from", "options"):
         table.add_column(col)

@@ -11,6 +11,8 @@ A run folder holds::
     attention/         attention maps (attention.full_attn_logging)
     samples.txt        generated text
     summary.json       final figures
+    report.html        curves, telemetry and samples for a person (a reporter plugin)
+    plots/             the same curves as PNG images
 
 Running the same spec into an existing folder resumes from its newest checkpoint. bitlm writes
 into a folder only when it is new, empty, or already bitlm's (the marker, or, for folders of
@@ -37,6 +39,10 @@ SUMMARY_FILE = "summary.json"
 DATA_DIR = "data"
 DATA_FILES = ("train.bits", "train.json", "val.bits", "val.json")
 ATTENTION_DIR = "attention"
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+PLOT_FILES = ("bits_per_byte.png", "bits_per_byte_time.png", "lr.png", "telemetry.png",
+              "compression.png")  # what a reporter may write into plots/, by name
 MAX_SPEC_BYTES = 1 << 20  # a spec.yaml larger than this was not written by bitlm
 
 
@@ -129,9 +135,11 @@ def remove_run(run_dir: Path) -> None:
         (run_dir / DATA_DIR / name).unlink(missing_ok=True)
     for path in (run_dir / ATTENTION_DIR).glob("step-*.safetensors"):
         path.unlink()
-    for name in (SPEC_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE, MARKER):
+    for name in PLOT_FILES:
+        (run_dir / PLOTS_DIR / name).unlink(missing_ok=True)
+    for name in (SPEC_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE, REPORT_FILE, MARKER):
         (run_dir / name).unlink(missing_ok=True)
-    for folder in (CHECKPOINTS_DIR, DATA_DIR, ATTENTION_DIR):
+    for folder in (CHECKPOINTS_DIR, DATA_DIR, ATTENTION_DIR, PLOTS_DIR):
         try:
             (run_dir / folder).rmdir()
         except OSError:  # missing, or holding files bitlm did not write
@@ -145,11 +153,12 @@ def foreign_files(run_dir: Path) -> list[str]:
     from bitlm_core.store.lock import CHECKPOINT_LOCK, RUN_LOCK
 
     run_dir = Path(run_dir)
-    own = {MARKER, RUN_LOCK, SPEC_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE, DATA_DIR,
-           ATTENTION_DIR, CHECKPOINTS_DIR}
+    own = {MARKER, RUN_LOCK, SPEC_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE, REPORT_FILE,
+           DATA_DIR, ATTENTION_DIR, CHECKPOINTS_DIR, PLOTS_DIR}
     found = [p.name for p in run_dir.iterdir() if p.name not in own]
     inside = {DATA_DIR: lambda p: p.name in DATA_FILES,
               ATTENTION_DIR: lambda p: p.match("step-*.safetensors"),
+              PLOTS_DIR: lambda p: p.name in PLOT_FILES,
               CHECKPOINTS_DIR: lambda p: p.name in (LATEST, CHECKPOINT_LOCK) or p.is_dir() and (
                   step_of(p) is not None or TEMPORARY.fullmatch(p.name))}
     for folder, is_own in inside.items():
