@@ -1,0 +1,1 @@
+"""bitlm-report: report.html and PNG plots of bitlm runs."""
