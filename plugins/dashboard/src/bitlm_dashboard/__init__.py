@@ -1,0 +1,1 @@
+"""bitlm-dashboard: a local web page of bitlm runs."""
