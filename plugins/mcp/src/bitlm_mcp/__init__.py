@@ -1,0 +1,1 @@
+"""bitlm-mcp: bitlm's runs as tools of an MCP server."""
