@@ -473,6 +473,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     try:
         data = load_yaml(text)
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise SpecError(f"{source} is not valid YAML: {str(exc)[:200]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

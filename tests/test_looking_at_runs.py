@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -171,6 +172,17 @@ def test_a_new_runs_spec_keeps_the_corpus_and_stays_in_the_runs_folder(runs):
         control.new_run_spec(runs, "nothing", "again", {})
     with pytest.raises(SpecError, match="larger than"):
         control.parse_spec_text("x: " + "y" * (control.MAX_SPEC_TEXT + 1))
+    # no path outside the runs folder, under any key (a distillation teacher, say)
+    for value in ("/etc", "../elsewhere", "~/.ssh", str(runs.parent)):
+        with pytest.raises(SpecError, match="outside the runs folder"):
+            control.new_run_spec(runs, "base", "again", {"objective.name": "distill",
+                                                         "objective.options.teacher": value})
+    spec, _ = control.new_run_spec(runs, "base", "student", {
+        "objective.name": "distill", "objective.options.teacher": str(runs / "base")})
+    assert spec.objective.options["teacher"] == str(runs / "base")  # a run of the folder
+    with pytest.raises(SpecError, match="data.corpus.options.path.*outside the runs folder"):
+        control.check_submitted(runs, "data: {corpus: {name: file, options: {path: /etc/hosts}}}")
+    assert control.check_submitted(runs, "train: {steps: 3}\n").spec.train.steps == 3
 
 
 def test_a_server_samples_and_evaluates_with_bounded_arguments(runs):
@@ -234,3 +246,47 @@ def test_restart_deletes_reports_by_name_and_keeps_other_plots(tmp_path, tiny_sp
     quiet(load_spec(tiny_spec(steps=2)), run, restart=True)
     assert not (run / "report.html").exists() and not (run / "plots" / "lr.png").exists()
     assert (run / "plots" / "mine.png").read_bytes() == b"x"
+
+
+HOLD = ("import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n")
+
+
+def holding(path: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+def test_stopping_signals_only_the_process_holding_the_runs_lock(runs, tmp_path):
+    from bitlm_core.app.runs import interrupt_holder
+
+    assert interrupt_holder(runs / "base") is None  # nobody trains there
+    proc = holding(runs / "base" / ".bitlm-lock")
+    try:
+        assert lock_holder(runs / "base") == proc.pid
+        assert interrupt_holder(runs / "base") == proc.pid
+        assert proc.wait(30) != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    finally:
+        proc.kill()
+    # a lock file that is a link to a file someone holds is nobody's lock
+    elsewhere = tmp_path / "other.lock"
+    proc = holding(elsewhere)
+    fake = runs / "linked"
+    fake.mkdir()
+    try:
+        (fake / ".bitlm-lock").symlink_to(elsewhere)
+        assert lock_holder(fake) is None and interrupt_holder(fake) is None
+        assert proc.poll() is None  # not signalled
+    finally:
+        proc.kill()
+        (fake / ".bitlm-lock").unlink()
+        fake.rmdir()

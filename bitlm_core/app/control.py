@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from bitlm_core.app.runs import lock_holder, read_spec_dict, resolve_run
+from bitlm_core.app.runs import interrupt_holder, read_spec_dict, resolve_run
 from bitlm_core.errors import BitlmError, DataError, SpecError
 
 MAX_OVERRIDES = 64
@@ -41,6 +42,7 @@ MAX_SAMPLE_BYTES = 4096
 MAX_RETRIES = 8
 #: keys a client may not change: the data trained on and where the run is written
 FIXED_KEYS = ("data.corpus", "output")
+OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z0-9_]{1,64}){0,8}")
 
 
 def check_spec(spec: Any, source: str = "spec"):
@@ -71,6 +73,58 @@ def parse_spec_text(text: Any, source: str = "the submitted spec") -> dict[str, 
     return parse_yaml(text, source)
 
 
+def _outside(text: str, root: Path) -> bool:
+    """Whether ``text`` names a file or folder outside ``root``: it looks like a path (a
+    separator, a leading ``~`` or ``.``) or names something that exists from the server's
+    folder, and resolves (links followed) outside ``root``."""
+    candidate = Path(text).expanduser()
+    try:
+        pathlike = any(c in text for c in "/\\") or text.startswith(("~", ".")) \
+            or candidate.exists()
+        target = candidate.resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long: not a path we allow
+        return True
+    return pathlike and target != root and root not in target.parents
+
+
+def check_paths(data: Any, runs_dir: Path, where: str = "", in_options: bool = False) -> None:
+    """Refuse text in a component's ``options`` (where components take paths: a corpus file,
+    a distillation teacher) that names a file or folder outside ``runs_dir``: a client may
+    point a component at another run of the folder, never elsewhere on the machine."""
+    root = Path(runs_dir).resolve()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_paths(value, runs_dir, f"{where}.{key}" if where else str(key),
+                        in_options or key == "options")
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            check_paths(value, runs_dir, f"{where}[{i}]", in_options)
+    elif in_options and isinstance(data, str) and data and _outside(data, root):
+        raise SpecError(f"{where}: {data[:80]!r} names a path outside the runs folder {root}; "
+                        "a spec sent to this server may only name paths inside it")
+
+
+def check_submitted(runs_dir: Path, text: Any, source: str = "the submitted spec"):
+    """A whole spec sent by a client, validated: its paths inside ``runs_dir``
+    (:func:`check_paths`), its output folder ignored; returns the Components."""
+    raw = parse_spec_text(text, source)
+    raw.pop("output", None)
+    check_paths(raw, runs_dir)
+    return check_spec(raw, source)
+
+
+def _nested(items: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` as ``{"a": {"b": 1}}`` (for :func:`check_paths`)."""
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[parts[-1]] = value
+    return out
+
+
 def _override_items(overrides: Any) -> list[str]:
     if overrides is None:
         return []
@@ -81,8 +135,9 @@ def _override_items(overrides: Any) -> list[str]:
         raise SpecError(f"at most {MAX_OVERRIDES} overrides at once")
     items = []
     for key, value in overrides.items():
-        if not isinstance(key, str) or not key or len(key) > 200:
-            raise SpecError(f"override key {str(key)[:80]!r} is not a dotted spec key")
+        if not isinstance(key, str) or not OVERRIDE_KEY.fullmatch(key):
+            raise SpecError(f"override key {str(key)[:80]!r} is not a dotted spec key (letters, "
+                            "digits and '_' between dots, e.g. train.steps)")
         if any(key == k or key.startswith(k + ".") for k in FIXED_KEYS):
             raise SpecError(f"override {key}: a run started here trains on its base run's "
                             "corpus and is written inside the runs folder; data.corpus and "
@@ -94,21 +149,27 @@ def _override_items(overrides: Any) -> list[str]:
     return items
 
 
-def new_run_spec(runs_dir: Path, base: str, name: str, overrides: Any = None) -> tuple[Any, Path]:
+def new_run_spec(runs_dir: Path, base: str, name: str, overrides: Any = None,
+                 validate_only: bool = False) -> tuple[Any, Path]:
     """The validated spec of a new run ``name`` made from run ``base``'s spec with
-    ``overrides`` (dotted keys), and its folder (inside ``runs_dir``, new)."""
+    ``overrides`` (dotted keys), and its folder (inside ``runs_dir``, new unless
+    ``validate_only``)."""
     from bitlm_core.spec import apply_overrides
 
     base_dir = resolve_run(runs_dir, base)
     out = resolve_run(runs_dir, name, must_exist=False)
-    if out.exists():
+    if out.exists() and not validate_only:
         raise DataError(f"a run named {name!r} exists already; choose another name")
-    raw = read_spec_dict(base_dir)
-    if raw is None:
+    base_raw = read_spec_dict(base_dir)
+    if base_raw is None:
         raise DataError(f"run {base!r} has no readable spec.yaml")
-    raw = apply_overrides(raw, _override_items(overrides))
-    raw.pop("output", None)
-    raw["output"] = {**(read_spec_dict(base_dir) or {}).get("output", {}), "dir": str(out)}
+    items = _override_items(overrides)
+    check_paths(_nested(dict(overrides or {})), runs_dir)
+    raw = apply_overrides(base_raw, items)
+    if (raw.get("data") or {}).get("corpus") != (base_raw.get("data") or {}).get("corpus"):
+        raise SpecError("the overrides change data.corpus; a run started here trains on its "
+                        "base run's corpus")
+    raw["output"] = {**(base_raw.get("output") or {}), "dir": str(out)}
     return check_spec(raw, f"run {base!r}'s spec with the overrides given").spec, out
 
 
@@ -139,20 +200,26 @@ class Trainings:
         import yaml
 
         name = out.name
-        if len(self.running()) >= self.limit:
-            raise DataError(f"{self.limit} training run(s) started here are still going "
-                            "(the limit); stop one or wait for it to finish")
         spec_path = self.scratch / f"{name}.yaml"
-        spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
-                             encoding="utf-8")
         log = self.scratch / f"{name}.log"
-        with self._lock, open(log, "wb") as f:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "bitlm_core", "run", str(spec_path), "--out", str(out),
-                 "-q"], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with self._lock:  # the count and the name checked and taken at once
+            for other, proc in list(self.procs.items()):
+                if proc.poll() is not None:
+                    del self.procs[other]
+            if len(self.procs) >= self.limit:
+                raise DataError(f"{self.limit} training run(s) started here are still going "
+                                "(the limit); stop one or wait for it to finish")
+            if name in self.procs or out.exists():
+                raise DataError(f"a run named {name!r} exists already; choose another name")
+            spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
+                                 encoding="utf-8")
+            with open(log, "wb") as f:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "bitlm_core", "run", str(spec_path), "--out",
+                     str(out), "-q"], stdin=subprocess.DEVNULL, stdout=f,
+                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self.logs[name] = log
-        return {"name": name, "pid": self.procs[name].pid, "started": True}
+            return {"name": name, "pid": self.procs[name].pid, "started": True}
 
     def log_tail(self, name: str, limit: int = 4000) -> str:
         path = self.logs.get(name)
@@ -167,10 +234,14 @@ class Trainings:
     def stop(self, name: str) -> dict[str, Any]:
         """Ask run ``name`` to stop as Ctrl-C does: it checkpoints and can be resumed."""
         run_dir = resolve_run(self.runs_dir, name)
-        pid = lock_holder(run_dir)
+        pid = interrupt_holder(run_dir)
         if pid is None:
-            raise DataError(f"run {name!r} is not training")
-        os.kill(pid, signal.SIGINT)
+            with self._lock:
+                proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                raise DataError(f"run {name!r} is not training")
+            proc.send_signal(signal.SIGINT)  # started here, still starting up
+            pid = proc.pid
         return {"name": name, "pid": pid, "stopping": True}
 
     def close(self, timeout: float = 30.0) -> None:
@@ -291,6 +362,11 @@ def sample_run(loaded: LoadedRuns, runs_dir: Path, name: str, prompt: Any = "",
             result["message"] = ("The safety gate blocked every attempt: "
                                  + "; ".join(tried.attempts[-1].reasons)
                                  + ". Lower a floor or allow more retries to accept such text.")
+            if run.spec.safety.strict:  # as `bitlm sample` prints nothing then
+                result["text"] = None
+                result.pop("decompressed", None)
+                result["message"] += (" The text is withheld: the run has safety.strict "
+                                      "(a blocked sample is an error, not an output).")
         return result
 
 

@@ -18,9 +18,11 @@ imports torch, so listing hundreds of runs is quick.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -44,14 +46,31 @@ SETTINGS = {
 }
 
 
+def open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file; an OSError for a symbolic link, a
+    FIFO, a device or a folder (a run folder from elsewhere must not make a server read
+    ``~/.ssh`` through a link, or hang on a pipe)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_metrics(run_dir: Path, offset: int = 0,
                  max_bytes: int = MAX_METRICS_BYTES) -> tuple[list[dict[str, Any]], int]:
     """The whole records of ``metrics.jsonl`` from byte ``offset`` on (at most ``max_bytes``
     read), and the offset after the last whole line read. A line still being written is left
-    for the next call; a missing file gives no records."""
+    for the next call; a missing file gives no records. An ``offset`` past the file's end
+    means it was rewritten (a resumed run drops its later records): reading starts again at 0,
+    so the offset returned is then smaller than the one given."""
     path = Path(run_dir) / METRICS_FILE
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if offset > size:  # the file was rewritten (a resumed run drops later records)
                 offset = 0
@@ -145,7 +164,7 @@ def curves(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def read_json_file(path: Path, limit: int = MAX_SUMMARY_BYTES) -> Optional[dict[str, Any]]:
     """A JSON object from a file of at most ``limit`` bytes (summary.json), or None."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
             return None
@@ -161,7 +180,7 @@ def read_spec_dict(run_dir: Path) -> Optional[dict[str, Any]]:
     from bitlm_core.store.rundir import MAX_SPEC_BYTES
 
     try:
-        with open(Path(run_dir) / SPEC_FILE, "rb") as f:
+        with open_regular(Path(run_dir) / SPEC_FILE) as f:
             text = f.read(MAX_SPEC_BYTES + 1)
         if len(text) > MAX_SPEC_BYTES:
             return None
@@ -178,10 +197,10 @@ def _at(data: Any, dotted: str) -> Any:
     return data if isinstance(data, (int, float, str, bool)) or data is None else None
 
 
-def flock_holders() -> Optional[dict[int, int]]:
-    """Exclusive ``flock`` holders by inode, from Linux's ``/proc/locks`` (the kernel's own
-    table: reading it takes no lock, so a run starting meanwhile is never disturbed); None
-    where there is no such table."""
+def flock_holders() -> Optional[dict[tuple[int, int, int], int]]:
+    """Exclusive ``flock`` holders by (device major, minor, inode), from Linux's
+    ``/proc/locks`` (the kernel's own table: reading it takes no lock, so a run starting
+    meanwhile is never disturbed); None where there is no such table."""
     try:
         with open("/proc/locks", "rb") as f:
             table = f.read(1 << 22).decode("ascii", "replace")
@@ -193,32 +212,70 @@ def flock_holders() -> Optional[dict[int, int]]:
         if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
             continue
         try:
-            holders[int(fields[5].rsplit(":", 1)[1])] = int(fields[4])
-        except (IndexError, ValueError):
+            major, minor, inode = fields[5].split(":")
+            holders[(int(major, 16), int(minor, 16), int(inode))] = int(fields[4])
+        except ValueError:
             continue
     return holders
 
 
-def lock_holder(run_dir: Path, holders: Optional[dict[int, int]] = None) -> Optional[int]:
-    """The PID of the process holding ``run_dir``'s run lock (a training run), or None.
-
-    On Linux from ``/proc/locks`` (:func:`flock_holders`; pass its result to check many runs
-    with one read); elsewhere the PID written in the lock file, when that process is alive."""
-    path = Path(run_dir) / RUN_LOCK
+def _lock_file(run_dir: Path) -> Optional[os.stat_result]:
     try:
-        st = path.stat()
+        st = os.lstat(Path(run_dir) / RUN_LOCK)
     except OSError:
         return None
-    holders = flock_holders() if holders is None else holders
-    if holders is not None:
-        return holders.get(st.st_ino)
-    try:  # pragma: no cover - not Linux
-        with open(path, "rb") as f:
-            pid = int(f.read(64).split(b" ", 1)[0])
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
+    return st if stat.S_ISREG(st.st_mode) else None  # a link is nobody's lock
+
+
+def lock_holder(run_dir: Path, holders=None) -> Optional[int]:
+    """The PID of the process holding ``run_dir``'s run lock (a training run), or None.
+
+    From Linux's ``/proc/locks`` (:func:`flock_holders`; pass its result to check many runs
+    with one read). Where there is no such table this says None: the PID written in a lock file
+    outlives its process, and may be another process's by now."""
+    st = _lock_file(run_dir)
+    if st is None:
         return None
+    holders = flock_holders() if holders is None else holders
+    if holders is None:  # pragma: no cover - not Linux
+        return None
+    return holders.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+
+
+def interrupt_holder(run_dir: Path) -> Optional[int]:
+    """Send SIGINT (what Ctrl-C sends: the run checkpoints and stops) to the process training
+    in ``run_dir``; its PID, or None when none is. The process is checked to have the lock
+    file open (``/proc/PID/fd``) and signalled through a pidfd, so a PID that changed hands
+    in between is never signalled."""
+    import signal
+
+    st = _lock_file(run_dir)
+    pid = lock_holder(run_dir)
+    if st is None or pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # pragma: no cover - no pidfds (old kernel, not Linux)
+        return None
+    try:
+        holds = False
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            try:
+                other = os.stat(fd)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                holds = True
+                break
+        if not holds:
+            return None
+        signal.pidfd_send_signal(pidfd, signal.SIGINT)
+        return pid
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
 
 
 def is_run(path: Path) -> bool:
@@ -235,6 +292,7 @@ def run_info(run_dir: Path, holders: Optional[dict[int, int]] = None) -> dict[st
     holder = lock_holder(run_dir, holders)
     status = "running" if holder else "finished" if summary else "stopped"
     row: dict[str, Any] = {"name": run_dir.name, "status": status, "pid": holder,
+                           "finished": summary is not None,
                            "spec_name": _at(spec, "name")}
     row.update({col: _at(spec, key) for key, col in SETTINGS.items()})
     last = _last_train_record(run_dir)
@@ -258,7 +316,7 @@ def _last_train_record(run_dir: Path, tail: int = 1 << 14) -> Optional[dict[str,
     """The last ``split: train`` record, read from the file's end only."""
     path = run_dir / METRICS_FILE
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             f.seek(max(0, size - tail))
             chunk = f.read(tail)

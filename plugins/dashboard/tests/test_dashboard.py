@@ -153,9 +153,17 @@ def test_specs_are_validated_like_bitlm_validate(server, runs_dir):
     status, answer = server.request("POST", "/api/validate",
                                     body={"spec": "train: {steps: 5, bogus: 1}\n"})
     assert status == 400 and "bogus" in answer["error"]
+    for key in ("data.corpus.options.path", " data.corpus.options.path", "data..corpus",
+                "data.corpus .options.path"):
+        status, answer = server.request("POST", "/api/runs", body={
+            "base": "base", "name": "steal", "overrides": {key: "/etc/passwd"}})
+        assert status == 400 and ("data.corpus" in answer["error"]
+                                  or "dotted spec key" in answer["error"]), key
     status, answer = server.request("POST", "/api/runs", body={
-        "base": "base", "name": "steal", "overrides": {"data.corpus.options.path": "/etc/passwd"}})
-    assert status == 400 and "data.corpus" in answer["error"]
+        "base": "base", "name": "steal", "overrides": {"objective.name": "distill",
+                                                        "objective.options.teacher": "/"}})
+    assert status == 400 and "outside the runs folder" in answer["error"]
+    assert not (runs_dir / "steal").exists()
     status, answer = server.request("POST", "/api/runs", body={
         "base": "base", "name": "../escape", "overrides": {}})
     assert status == 400 and "name" in answer["error"]
@@ -170,15 +178,50 @@ def test_specs_are_validated_like_bitlm_validate(server, runs_dir):
 def test_a_token_is_required_when_one_is_set(runs_dir):
     s = Server(runs_dir, token=TOKEN)
     try:
-        assert s.request("GET", "/api/runs")[0] == 401
-        assert s.request("GET", "/")[0] == 401
+        for path in ("/api/runs", "/", "/static/app.js", "/api/runs/base/events"):
+            assert s.request("GET", path)[0] == 401, path
         assert s.request("GET", "/api/runs", headers={"Authorization": "Bearer wrong"})[0] == 401
         assert s.request("GET", "/api/runs",
                          headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         assert s.request("GET", f"/api/runs?token={TOKEN}")[0] == 200
         assert s.request("POST", "/api/runs/base/stop", body={})[0] == 401
+        # the page opened with ?token= gets a cookie, which its scripts and styles then carry
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", f"/?token={TOKEN}")
+        response = conn.getresponse()
+        response.read()
+        cookie = response.getheader("Set-Cookie")
+        assert response.status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        conn.close()
+        jar = {"Cookie": cookie.split(";")[0]}
+        assert s.request("GET", "/static/app.js", headers=jar)[0] == 200
+        assert s.request("GET", "/static/app.js",
+                         headers={"Cookie": "bitlm_dashboard_token=wrong"})[0] == 401
     finally:
         s.close()
+
+
+def test_files_in_run_folders_are_read_only_when_regular(server, runs_dir, tmp_path):
+    """A run folder from elsewhere must not make the server read through a link or hang."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text('{"split": "train", "step": 1, "loss": 42}\n')
+    bad = runs_dir / "planted"
+    shutil.copytree(runs_dir / "base", bad, ignore=shutil.ignore_patterns(".bitlm-lock",
+                                                                           "checkpoints"))
+    (bad / "metrics.jsonl").unlink()
+    (bad / "metrics.jsonl").symlink_to(secret)
+    (bad / "summary.json").unlink()
+    os.mkfifo(bad / "summary.json")
+    try:
+        status, answer = server.request("GET", "/api/runs")  # the FIFO does not block it
+        assert status == 200
+        (row,) = [r for r in answer["runs"] if r["name"] == "planted"]
+        assert row["last_step"] is None and row["status"] == "stopped"
+        assert server.request("GET", "/api/runs/planted/metrics.jsonl")[0] == 404
+        status, answer = server.request("GET", "/api/runs/planted/metrics?offset=0")
+        assert status == 400 and "cannot read" in answer["error"]
+    finally:
+        shutil.rmtree(bad)
 
 
 def test_loopback_refuses_other_hosts_and_cross_site_posts(server):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -34,8 +36,9 @@ from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from bitlm_core.app import control
-from bitlm_core.app.runs import (curves, flock_holders, json_safe, list_runs, read_metrics,
-                                 read_spec_dict, resolve_run, run_info)
+from bitlm_core.app.runs import (MAX_LINE_BYTES, curves, flock_holders, json_safe, list_runs,
+                                 lock_holder, open_regular, read_metrics, read_spec_dict,
+                                 resolve_run, run_info)
 from bitlm_core.errors import BitlmError, SafetyError, SpecError
 
 STATIC = Path(__file__).parent / "static"
@@ -54,6 +57,7 @@ METRICS_CHUNK = 8 << 20  # bytes of metrics.jsonl per API answer
 STREAM_POLL = 0.5  # seconds between reads of a live run's metrics
 STREAM_IDLE = 20.0  # seconds a stream waits for a run that is not training (one starting)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COOKIE = "bitlm_dashboard_token"
 
 
 class HTTPError(Exception):
@@ -94,11 +98,9 @@ def _stamp(path: Path):
 
 
 def _status(run_dir: Path, holders, row: dict[str, Any]) -> dict[str, Any]:
-    from bitlm_core.app.runs import lock_holder
-
     pid = lock_holder(run_dir, holders)
-    finished = row["held_out_bits_per_byte"] is not None
-    return {"pid": pid, "status": "running" if pid else "finished" if finished else "stopped"}
+    return {"pid": pid, "status": "running" if pid else "finished" if row["finished"]
+            else "stopped"}
 
 
 class Dashboard(ThreadingHTTPServer):
@@ -119,6 +121,8 @@ class Dashboard(ThreadingHTTPServer):
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         self.closing = threading.Event()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
 
     @property
@@ -169,6 +173,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def common_headers(self) -> None:
+        if getattr(self, "set_cookie", False):
+            self.send_header("Set-Cookie", f"{COOKIE}={self.server.token}; HttpOnly; "
+                             "SameSite=Strict; Path=/")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Content-Security-Policy",
@@ -185,21 +192,31 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         if server.token is not None:
             given = self.headers.get("Authorization", "")
-            given = given[7:] if given.startswith("Bearer ") else self.query().get("token", "")
+            given = given[7:] if given.startswith("Bearer ") else (
+                self.query().get("token") or self.cookie(COOKIE) or "")
             if not hmac.compare_digest(given.encode(), server.token.encode()):
                 raise HTTPError(HTTPStatus.UNAUTHORIZED, "this dashboard needs its token: open "
                                 "the address it printed (…/?token=…) or send "
                                 "'Authorization: Bearer TOKEN'")
+            self.set_cookie = True  # the page's own requests (scripts, styles) carry it then
         elif server.loopback:
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            host = self.headers.get("Host") or ""
+            host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
             if host not in LOOPBACK:
                 raise HTTPError(HTTPStatus.FORBIDDEN, f"Host {host[:60]!r} is not this "
                                 "machine's loopback address; open http://127.0.0.1:PORT/")
-        if method == "POST" and server.token is None:
+        if method == "POST":  # a page of another origin cannot send these without a preflight
             if self.headers.get("X-Bitlm-Dashboard") != "1" or not (
                     self.headers.get("Content-Type", "").startswith("application/json")):
                 raise HTTPError(HTTPStatus.FORBIDDEN, "POST requests need 'Content-Type: "
                                 "application/json' and 'X-Bitlm-Dashboard: 1'")
+
+    def cookie(self, name: str) -> Optional[str]:
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return None
 
     def body(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length")
@@ -218,6 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         return value
 
     def handle_one(self, method: str) -> None:
+        self.set_cookie = False
         try:
             self.check_access(method)
             path = urlsplit(self.path).path
@@ -288,9 +306,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def api_metrics(self, name: str) -> None:
         run_dir = resolve_run(self.server.runs_dir, name)
-        offset = _offset(self.query().get("offset", "0"))
-        records, offset = read_metrics(run_dir, offset, METRICS_CHUNK)
-        self.send_json(HTTPStatus.OK, {"run": name, "offset": offset, **curves(records)})
+        asked = _offset(self.query().get("offset", "0"))
+        records, offset = read_metrics(run_dir, asked, METRICS_CHUNK)
+        start = _start(asked, offset)
+        more = offset - start > METRICS_CHUNK - MAX_LINE_BYTES  # a full chunk: ask again
+        self.send_json(HTTPStatus.OK, {"run": name, "offset": offset, "start": start,
+                                       "more": more, **curves(records)})
 
     def api_spec(self, name: str) -> None:
         run_dir = resolve_run(self.server.runs_dir, name)
@@ -303,11 +324,11 @@ class Handler(BaseHTTPRequestHandler):
         run_dir = resolve_run(self.server.runs_dir, name)
         path = run_dir / METRICS_FILE
         try:
-            f = open(path, "rb")
+            f = open_regular(path)
         except OSError:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"run {name!r} has no metrics yet") from None
         with f:
-            size = path.stat().st_size
+            size = os.fstat(f.fileno()).st_size
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Content-Length", str(size))
@@ -340,16 +361,14 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             quiet, idle = 0.0, 0
-            from bitlm_core.app.runs import lock_holder
-
             while not server.closing.is_set():
                 records, new = read_metrics(run_dir, offset, METRICS_CHUNK)
-                if new != offset:
-                    offset = new
-                    self.event("metrics", {"offset": offset, **curves(records)})
-                    idle = 0
-                running = lock_holder(run_dir) is not None
-                if not running and new == offset:
+                changed = new != offset
+                if changed:
+                    self.event("metrics", {"offset": new, "start": _start(offset, new),
+                                           **curves(records)})
+                    offset, idle = new, 0
+                if not changed and lock_holder(run_dir) is None:
                     idle += 1
                     if idle * STREAM_POLL > STREAM_IDLE:  # not training, nothing new: end
                         self.event("status", {"status": "stopped", "offset": offset})
@@ -382,13 +401,11 @@ class Handler(BaseHTTPRequestHandler):
     def api_validate(self) -> None:
         body = self.body()
         if "spec" in body:
-            raw = control.parse_spec_text(body["spec"])
-            raw.pop("output", None)
-            spec = control.check_spec(raw, "the submitted spec").spec
+            spec = control.check_submitted(self.server.runs_dir, body["spec"]).spec
         else:
             spec, _ = control.new_run_spec(self.server.runs_dir, body.get("base"),
                                            body.get("name") or "validate-only",
-                                           body.get("overrides"))
+                                           body.get("overrides"), validate_only=True)
         self.send_json(HTTPStatus.OK, {"valid": True, "spec": spec.model_dump(mode="json")})
 
     def api_stop(self, name: str) -> None:
@@ -413,6 +430,13 @@ class Handler(BaseHTTPRequestHandler):
         resolve_run(self.server.runs_dir, name, must_exist=False)
         self.send_json(HTTPStatus.OK, {"run": name,
                                        "log": self.server.trainings.log_tail(name)})
+
+
+def _start(asked: int, offset: int) -> int:
+    """Where the records sent begin: ``asked``, or 0 when the file was rewritten meanwhile
+    (read_metrics then reads from 0 and ends before ``asked``; the page starts the run's curves
+    again)."""
+    return 0 if offset < asked else asked
 
 
 def _offset(text: str) -> int:

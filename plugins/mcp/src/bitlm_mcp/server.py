@@ -26,6 +26,8 @@ from bitlm_core.app.runs import (curves, flock_holders, list_runs, read_metrics,
 from bitlm_core.errors import BitlmError
 
 MAX_POINTS = 2000  # per series in one read_metrics answer
+METRICS_CHUNK = 8 << 20  # bytes of metrics.jsonl read per answer (ask again from its offset)
+MAX_OFFSET = 1 << 53
 
 
 def _thin(series: dict[str, Any], max_points: int) -> dict[str, Any]:
@@ -36,7 +38,8 @@ def _thin(series: dict[str, Any], max_points: int) -> dict[str, Any]:
         if n <= max_points:
             out[name] = s
             continue
-        keep = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+        keep = [n - 1] if max_points == 1 else sorted(
+            {round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
         out[name] = {"step": [s["step"][i] for i in keep], "value": [s["value"][i] for i in keep]}
     return out
 
@@ -86,9 +89,9 @@ def build(runs_dir: Path, max_trainings: int = 1):
         alerts."""
         if not 1 <= max_points <= MAX_POINTS:
             raise BitlmError(f"max_points must be from 1 to {MAX_POINTS}")
-        if offset < 0:
-            raise BitlmError("offset must be 0 or more")
-        records, new = read_metrics(resolve_run(runs_dir, run), offset)
+        if not 0 <= offset <= MAX_OFFSET:
+            raise BitlmError(f"offset must be from 0 to {MAX_OFFSET} (bytes of metrics.jsonl)")
+        records, new = read_metrics(resolve_run(runs_dir, run), offset, METRICS_CHUNK)
         got = curves(records)
         chosen = {k: v for k, v in got["series"].items() if series is None or k in series}
         return {"run": run, "offset": new, "series": _thin(chosen, max_points),
@@ -99,9 +102,8 @@ def build(runs_dir: Path, max_trainings: int = 1):
     def validate_spec_tool(spec: str) -> dict[str, Any]:
         """Check a run spec given as YAML text, as `bitlm validate` does (keys, types,
         components, options, memory); returns the resolved spec, or an error saying what to
-        fix."""
-        raw = control.parse_spec_text(spec)
-        comps = control.check_spec(raw, "the spec")
+        fix. Paths in it must be inside the runs folder."""
+        comps = control.check_submitted(runs_dir, spec, "the spec")
         return {"valid": True, "spec": comps.spec.model_dump(mode="json")}
 
     @server.tool(name="start_run")

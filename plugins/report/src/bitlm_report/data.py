@@ -57,5 +57,6 @@ def time_of(curves: dict[str, Any], steps: list[int]) -> list[float]:
 
 
 def to_json(value: Any) -> str:
-    """JSON safe to put inside a ``<script>`` element (no ``</`` can end it early)."""
-    return json.dumps(json_safe(value), allow_nan=False, default=str).replace("</", "<\\/")
+    """JSON safe to put inside a ``<script>`` element: every ``<`` escaped, so no ``</script>``
+    or ``<!--`` in a sample's text can end or change the element."""
+    return json.dumps(json_safe(value), allow_nan=False, default=str).replace("<", "\\u003c")

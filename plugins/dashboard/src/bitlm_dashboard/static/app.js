@@ -139,8 +139,10 @@
     exportLinks();
   }
   function merge(name, part) {
-    const d = state.data[name] || (state.data[name] = {series: {}, time: {step: [], seconds: []},
-                                                        events: [], offset: 0});
+    let d = state.data[name];
+    if (!d || part.start !== d.offset) {  // first read, or the file was rewritten: from 0
+      d = state.data[name] = {series: {}, time: {step: [], seconds: []}, events: [], offset: 0};
+    }
     Object.entries(part.series).forEach(([k, s]) => {
       const into = d.series[k] || (d.series[k] = {step: [], value: []});
       into.step.push(...s.step); into.value.push(...s.value);
@@ -151,17 +153,17 @@
   }
   const loading = new Set();
   async function follow(name) {
+    if (loading.has(name)) return;  // its first read is under way; the stream opens after
     const run = state.runs.find(r => r.name === name);
-    if (!state.data[name] && !loading.has(name)) {
+    if (!state.data[name]) {
       loading.add(name);
       try {
-        let offset = 0;
         for (;;) {  // the server answers a bounded chunk at a time
+          const from = state.data[name] ? state.data[name].offset : 0;
           const part = await api("GET", "/api/runs/" + encodeURIComponent(name) +
-                                 "/metrics?offset=" + offset);
+                                 "/metrics?offset=" + from);
           merge(name, part);
-          if (part.offset === offset) break;
-          offset = part.offset;
+          if (!part.more) break;  // the rest comes live
         }
       } catch (e) {  // a run just started has no folder yet: the next refresh tries again
         delete state.data[name];
@@ -197,11 +199,12 @@
     });
     return out;
   }
-  function timeOf(d, steps) {
+  function timeOf(d, steps) {  // seconds at each step, interpolated from training steps
     const ts = d.time.step, secs = d.time.seconds;
     return steps.map(s => {
-      let i = 0;
-      while (i < ts.length && ts[i] < s) i++;
+      let lo = 0, hi = ts.length;
+      while (lo < hi) { const mid = (lo + hi) >> 1; if (ts[mid] < s) lo = mid + 1; else hi = mid; }
+      const i = lo;
       if (i < ts.length && ts[i] === s) return secs[i];
       if (i === 0) return ts.length ? secs[0] * s / ts[0] : s;
       if (i === ts.length) return secs[ts.length - 1];
@@ -322,10 +325,11 @@
     const form = ev.target, f = name => form.elements[name];
     const overrides = {};
     if (f("train.steps").value) overrides["train.steps"] = Number(f("train.steps").value);
-    if (f("compression.on").checked) {
+    const compression = f("compression.mode").value;  // the base run's, on, or off
+    if (compression === "on") {
       overrides["compression.name"] = f("compression.name").value;
       overrides["compression.prob"] = Number(f("compression.prob").value);
-    } else {
+    } else if (compression === "off") {
       overrides["compression.prob"] = 0;
     }
     ["telemetry.lambda_K", "telemetry.lambda_S"].forEach(k => {
