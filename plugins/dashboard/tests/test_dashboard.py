@@ -358,6 +358,22 @@ def test_the_page_in_a_browser(server, runs_dir, browser, tmp_path):
     assert spec["train"]["steps"] == 100000 and spec["data"] == yaml.safe_load(
         (runs_dir / "base" / "spec.yaml").read_text())["data"]
 
+    # the table sorts; the ticked runs compare at a chosen step
+    names = lambda: page.eval_on_selector_all(  # noqa: E731
+        "#runs-table tbody tr", "rows => rows.map(r => r.dataset.run)")
+    page.wait_for_selector("tr[data-run='from-form']")
+    page.click("#runs-table th[data-key=name]")
+    first_order = names()
+    page.click("#runs-table th[data-key=name]")
+    assert names() == list(reversed(first_order)) and set(first_order) >= {"base", "from-form"}
+    page.fill("#compare-step", "10")
+    page.click("#compare")
+    row = page.inner_text("#compare-table tr[data-run=base]")
+    base_10 = next(json.loads(line)["bits_per_byte"] for line in
+                   (runs_dir / "base" / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["split"] == "train" and json.loads(line)["step"] == 10)
+    assert f"{base_10:.4g}" in row
+
     # sampling with the gate: the verdict, every attempt, the metrics against their floors
     page.select_option("#sample-run", "base")
     page.fill("#sample-form input[name=bytes]", "40")
@@ -380,3 +396,25 @@ def test_the_page_in_a_browser(server, runs_dir, browser, tmp_path):
     assert errors == []
     assert all(u.startswith(f"http://127.0.0.1:{server.port}/") for u in requests), requests
     shutil.rmtree(runs_dir / "from-form")
+
+
+def test_a_sample_that_does_not_decompress_says_so_plainly(tmp_path):
+    """A run trained to write codec streams (compression.decompress_output) whose sample is
+    not a valid stream: the page gets the raw text and a message, not an error."""
+    from bitlm_core.app import control
+    from bitlm_core.app.run import execute
+    from bitlm_core.registry import get_registry
+    from bitlm_core.spec import validate_spec
+
+    if get_registry().get("compressor", "rle") is None:
+        pytest.skip("needs plugins/compression_rle")
+    spec = tiny_spec(tmp_path, steps=4)
+    spec["compression"] = {"name": "rle", "prob": 0.5, "direct": True,
+                           "decompress_output": True}
+    runs = tmp_path / "runs"
+    execute(validate_spec(spec), runs / "streams", log=lambda m: None)
+    got = control.sample_run(control.LoadedRuns(), runs, "streams", prompt="", n_bytes=12)
+    assert got["text"] is not None
+    assert got["decompressed"].startswith("(not a valid stream")  # 4 steps: not a codec yet
+    assert "could not be decompressed" in got["message"] and "rle" in got["message"]
+    assert "raw text is shown" in got["message"]

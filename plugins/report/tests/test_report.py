@@ -173,3 +173,29 @@ def test_the_report_opens_offline_in_a_browser(two_runs):
         browser.close()
     assert images and all(w > 100 for w in images)  # every plot decoded
     assert all(u.startswith("file:") for u in asked) and errors == []
+
+
+def test_growth_events_are_marked_and_floors_drawn():
+    """On synthetic curves: a growth is a dotted vertical line at its step, and a gate's floor
+    a horizontal line on its telemetry metric."""
+    from bitlm_core.app.runs import curves
+
+    from bitlm_report import plots
+
+    records = [{"split": "train", "step": s, "time": s / 10, "bits_per_byte": 8 - s / 50,
+                "lr": 1e-3} for s in range(1, 200)]
+    records += [{"split": "scaling", "step": 120, "change": "depth 2 -> 3"},
+                {"split": "telemetry", "step": 100, "telemetry/val/symbiosis": 0.7}]
+    run = {"name": "g", "curves": curves(records), "summary": {"gate": {
+        "name": "kcs", "floors": {"symbiosis": 0.5}}}}
+    for against in ("step", "time"):
+        fig = plots.bits_per_byte([run], against)
+        (ax,) = fig.axes
+        vertical = [line for line in ax.lines if line.get_linestyle() == ":"]
+        expected = 120 if against == "step" else 12.0
+        assert [line.get_xdata()[0] for line in vertical] == [expected]
+        assert any(t.get_text() == "grew" for t in ax.texts)
+    fig = plots.telemetry([run])
+    (ax,) = fig.axes
+    assert any(line.get_ydata()[0] == 0.5 for line in ax.lines if line.get_linestyle() == ":")
+    assert plots.compression([run]) is None  # compression off: no figure
