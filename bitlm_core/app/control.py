@@ -170,7 +170,7 @@ def new_run_spec(runs_dir: Path, base: str, name: str, overrides: Any = None,
         raise SpecError("the overrides change data.corpus; a run started here trains on its "
                         "base run's corpus")
     raw["output"] = {**(base_raw.get("output") or {}), "dir": str(out)}
-    return check_spec(raw, f"run {base!r}'s spec with the overrides given").spec, out
+    return check_spec(raw, f"the spec of run {base!r} with the overrides given").spec, out
 
 
 class Trainings:
@@ -185,8 +185,14 @@ class Trainings:
         self.limit = limit
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.scratch = Path(tempfile.mkdtemp(prefix="bitlm-trainings-"))
+        self._scratch: Optional[Path] = None  # made at the first start
         self._lock = threading.Lock()
+
+    @property
+    def scratch(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="bitlm-trainings-"))
+        return self._scratch
 
     def running(self) -> list[str]:
         with self._lock:
@@ -219,6 +225,7 @@ class Trainings:
                      str(out), "-q"], stdin=subprocess.DEVNULL, stdout=f,
                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self.logs[name] = log
+            threading.Thread(target=self.procs[name].wait, daemon=True).start()  # reaped
             return {"name": name, "pid": self.procs[name].pid, "started": True}
 
     def log_tail(self, name: str, limit: int = 4000) -> str:
@@ -242,7 +249,8 @@ class Trainings:
                 raise DataError(f"run {name!r} is not training")
             proc.send_signal(signal.SIGINT)  # started here, still starting up
             pid = proc.pid
-        return {"name": name, "pid": pid, "stopping": True}
+        return {"name": name, "pid": pid, "stopping": True,
+                "resume": f"bitlm run {run_dir / 'spec.yaml'} --out {run_dir}"}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop what was started here (each checkpoints) and wait for it."""
@@ -257,7 +265,8 @@ class Trainings:
                 proc.wait()
         import shutil
 
-        shutil.rmtree(self.scratch, ignore_errors=True)  # its specs and logs: ours alone
+        if self._scratch is not None:  # its specs and logs: ours alone
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 class LoadedRuns:
@@ -331,7 +340,7 @@ def sample_run(loaded: LoadedRuns, runs_dir: Path, name: str, prompt: Any = "",
                 raise DataError("gate must be the name of a safety gate, e.g. kcs")
             options = {**(run.spec.safety.gate.options
                           if gate_name == run.spec.safety.gate.name else {}), **floors}
-            the_gate = registry.build("safety", gate_name, options, path="gate")
+            the_gate = registry.build("safety", gate_name, options, path="floors")
             for metric in registry.names("telemetry"):
                 telemetry.setdefault(metric, registry.build("telemetry", metric))
         samplers = [comps.sampler]

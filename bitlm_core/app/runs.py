@@ -30,6 +30,10 @@ from bitlm_core.errors import DataError
 from bitlm_core.store.lock import RUN_LOCK
 from bitlm_core.store.rundir import MARKER, METRICS_FILE, SPEC_FILE, SUMMARY_FILE
 
+class NoSuchRun(DataError):
+    """A run name that is well formed but names no run of the folder (a server's 404)."""
+
+
 MAX_METRICS_BYTES = 64 << 20  # read per call; a live view asks again from the offset returned
 MAX_LINE_BYTES = 1 << 16  # bitlm's records are a few hundred bytes
 MAX_SUMMARY_BYTES = 1 << 20
@@ -354,6 +358,8 @@ def resolve_run(runs_dir: Path, name: Any, must_exist: bool = True) -> Path:
     """The folder of run ``name`` inside ``runs_dir``; a DataError for anything else: a name
     that is not a plain folder name (no ``/``, no ``..``), a symbolic link, or a folder that is
     not a run (when ``must_exist``)."""
+    if name is None:
+        raise DataError("give a run's name (the name of its folder in the runs folder)")
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
         raise DataError(f"run name {str(name)[:80]!r} is not a run folder's name: use letters, "
                         "digits, '.', '_' and '-' (no '/' or '..'), at most 128 characters")
@@ -365,5 +371,5 @@ def resolve_run(runs_dir: Path, name: Any, must_exist: bool = True) -> Path:
     if path.resolve().parent != root:
         raise DataError(f"run {name!r} is not inside {root}")
     if must_exist and not is_run(path):
-        raise DataError(f"no run named {name!r} in {root}")
+        raise NoSuchRun(f"no run named {name!r} in {root}")
     return path

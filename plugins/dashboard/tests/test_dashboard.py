@@ -141,8 +141,18 @@ def test_oversized_and_malformed_requests_are_refused(server):
                                     body={"bytes": 10 ** 9})
     assert status == 400 and "bytes" in answer["error"]
     status, answer = server.request("POST", "/api/runs/base/sample", body={"code": "1+1"})
-    assert status == 400 and "unknown sample option" in answer["error"]
+    assert status == 400 and "unknown field(s) code" in answer["error"]
     assert server.request("DELETE", "/api/runs")[0] == 405
+    status, answer = server.request("POST", "/api/runs", body={
+        "base": "base", "name": "x", "overridez": {"train.steps": 2}})
+    assert status == 400 and "overridez" in answer["error"]
+    status, answer = server.request("POST", "/api/runs", raw=b'{"a":' * 5000 + b"1" +
+                                    b"}" * 5000)
+    assert status == 400 and "nested" in answer["error"]
+    status, answer = server.request("GET", "/api/runs/nobody/metrics?offset=0")
+    assert status == 404 and "no run named 'nobody'" in answer["error"]
+    status, answer = server.request("POST", "/api/runs", body={"name": "x"})
+    assert status == 400 and "give a run's name" in answer["error"]
 
 
 def test_specs_are_validated_like_bitlm_validate(server, runs_dir):

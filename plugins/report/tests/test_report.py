@@ -199,3 +199,16 @@ def test_growth_events_are_marked_and_floors_drawn():
     (ax,) = fig.axes
     assert any(line.get_ydata()[0] == 0.5 for line in ax.lines if line.get_linestyle() == ":")
     assert plots.compression([run]) is None  # compression off: no figure
+
+
+@needs_plugins
+def test_report_refuses_another_runs_folder_and_a_run_given_twice(two_runs):
+    before = (two_runs / "b" / "report.html").read_bytes()
+    result = run("report", str(two_runs / "a"), "--out", str(two_runs / "b"))
+    assert result.exit_code == 2 and "another run's folder" in result.output
+    assert (two_runs / "b" / "report.html").read_bytes() == before
+    result = run("report", str(two_runs / "a"), str(two_runs / "a"), "--out",
+                 str(two_runs / "twice"))
+    assert result.exit_code == 2 and "given twice" in result.output
+    result = run("report", str(two_runs / "nowhere"))
+    assert result.exit_code == 2 and "does not exist" in result.output

@@ -55,10 +55,10 @@ def dashboard(
 
     try:
         server = Dashboard(runs_dir, host, port, token, max_trainings,
-                           log=log if verbose else (lambda m: None))
+                           log=log if verbose else (lambda m: None), say=log)
     except OSError as exc:
         raise DataError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
-                        "another --port") from None
+                        "another --port, or a --host address of this machine") from None
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{server.port}/" + (f"?token={token}" if token else "")
     log(f"bitlm dashboard of {server.runs_dir} at {address} (Ctrl-C stops it)")

@@ -36,9 +36,9 @@ from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from bitlm_core.app import control
-from bitlm_core.app.runs import (MAX_LINE_BYTES, curves, flock_holders, json_safe, list_runs,
-                                 lock_holder, open_regular, read_metrics, read_spec_dict,
-                                 resolve_run, run_info)
+from bitlm_core.app.runs import (MAX_LINE_BYTES, NoSuchRun, curves, flock_holders, json_safe,
+                                 list_runs, lock_holder, open_regular, read_metrics,
+                                 read_spec_dict, resolve_run, run_info)
 from bitlm_core.errors import BitlmError, SafetyError, SpecError
 
 STATIC = Path(__file__).parent / "static"
@@ -110,14 +110,15 @@ class Dashboard(ThreadingHTTPServer):
 
     def __init__(self, runs_dir: Path, host: str = "127.0.0.1", port: int = 8765,
                  token: Optional[str] = None, max_trainings: int = 1,
-                 log=lambda message: None):
+                 log=lambda message: None, say=lambda message: None):
         self.runs_dir = Path(runs_dir).resolve()
         self.token = token
         self.loopback = host in LOOPBACK
         self.trainings = control.Trainings(self.runs_dir, max_trainings)
         self.models = control.LoadedRuns()
         self.cache = RowCache()
-        self.log = log
+        self.log = log  # every request (--verbose)
+        self.say = say  # trainings started, stops, errors
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         self.closing = threading.Event()
@@ -204,7 +205,8 @@ class Handler(BaseHTTPRequestHandler):
             host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
             if host not in LOOPBACK:
                 raise HTTPError(HTTPStatus.FORBIDDEN, f"Host {host[:60]!r} is not this "
-                                "machine's loopback address; open http://127.0.0.1:PORT/")
+                                "machine's loopback address; open "
+                                f"http://127.0.0.1:{server.port}/")
         if method == "POST":  # a page of another origin cannot send these without a preflight
             if self.headers.get("X-Bitlm-Dashboard") != "1" or not (
                     self.headers.get("Content-Type", "").startswith("application/json")):
@@ -218,7 +220,8 @@ class Handler(BaseHTTPRequestHandler):
                 return value
         return None
 
-    def body(self) -> dict[str, Any]:
+    def body(self, *keys: str) -> dict[str, Any]:
+        """The request's JSON object (bounded), with no fields but ``keys``."""
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body's Content-Length")
@@ -228,10 +231,17 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(length))
         try:
             value = json.loads(raw or b"{}")
+        except RecursionError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the body is nested too deeply") from None
         except ValueError:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
         if not isinstance(value, dict):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        unknown = set(value) - set(keys)
+        if unknown:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field(s) "
+                            f"{', '.join(sorted(map(str, unknown)))[:200]}; this request takes "
+                            f"{', '.join(keys) or 'none'}")
         return value
 
     def handle_one(self, method: str) -> None:
@@ -262,12 +272,14 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(exc.status, exc.message)
         except SafetyError as exc:
             self.fail(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
+        except NoSuchRun as exc:
+            self.fail(HTTPStatus.NOT_FOUND, str(exc))
         except (SpecError, BitlmError) as exc:
             self.fail(HTTPStatus.BAD_REQUEST, str(exc))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - one message, and the server goes on
-            self.server.log(f"error answering {self.path[:200]}: {control.describe(exc)}")
+            self.server.say(f"error answering {self.path[:200]}: {control.describe(exc)}")
             self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, control.describe(exc))
 
     def do_GET(self):
@@ -388,18 +400,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def api_start(self) -> None:
-        body = self.body()
+        body = self.body("base", "name", "overrides")
         spec, out = control.new_run_spec(self.server.runs_dir, body.get("base"),
                                          body.get("name"), body.get("overrides"))
         try:
             started = self.server.trainings.start(spec, out)
         except BitlmError as exc:
             raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, str(exc)) from None
-        self.server.log(f"started run {out.name} (PID {started['pid']})")
+        self.server.say(f"started run {out.name} (PID {started['pid']})")
         self.send_json(HTTPStatus.ACCEPTED, started)
 
     def api_validate(self) -> None:
-        body = self.body()
+        body = self.body("spec", "base", "name", "overrides")
         if "spec" in body:
             spec = control.check_submitted(self.server.runs_dir, body["spec"]).spec
         else:
@@ -410,15 +422,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def api_stop(self, name: str) -> None:
         self.body()
-        self.send_json(HTTPStatus.ACCEPTED, self.server.trainings.stop(name))
+        stopped = self.server.trainings.stop(name)
+        self.server.say(f"stopping run {name} (PID {stopped['pid']})")
+        self.send_json(HTTPStatus.ACCEPTED, stopped)
 
     def api_sample(self, name: str) -> None:
-        body = self.body()
-        unknown = set(body) - {"prompt", "bytes", "seed", "gate", "floors", "max_retries"}
-        if unknown:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown sample option(s) "
-                            f"{', '.join(sorted(map(str, unknown)))[:200]}; known: prompt, "
-                            "bytes, seed, gate, floors, max_retries")
+        body = self.body("prompt", "bytes", "seed", "gate", "floors", "max_retries")
         server = self.server
         result = control.sample_run(server.models, server.runs_dir, name,
                                     body.get("prompt", ""), body.get("bytes", 200),

@@ -9,8 +9,8 @@ import typer
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="Run folders written by `bitlm run`; several "
-                                      "are overlaid in one report."),
+    runs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run folders written by "
+                                      "`bitlm run`; several are overlaid in one report."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.html and plots/ "
                                        "(default: the run folder, when one run is given)."),
 ) -> None:

@@ -19,6 +19,8 @@ def load(run_dir: Path) -> dict[str, Any]:
     from bitlm_core.app.runs import is_run
 
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise DataError(f"{run_dir} does not exist; give run folders written by `bitlm run`")
     if not is_run(run_dir):
         raise DataError(f"{run_dir} is not a bitlm run folder (no .bitlm-run and spec.yaml); "
                         "give folders written by `bitlm run`")

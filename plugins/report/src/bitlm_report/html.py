@@ -58,6 +58,14 @@ class HtmlReport:
         out = Path(out)
         if not runs:
             raise DataError("give at least one run folder")
+        given = [Path(r).resolve() for r in runs]
+        if len(set(given)) < len(given):
+            raise DataError("a run folder is given twice; give each run once")
+        from bitlm_core.app.runs import is_run
+
+        if is_run(out) and out.resolve() not in given:
+            raise DataError(f"{out} is another run's folder, whose report is its own; write "
+                            "this report to a folder of its own with --out")
         loaded = [load(Path(r)) for r in runs]
         if out.exists() and not out.is_dir():
             raise DataError(f"{out} is a file; --out must be a folder")

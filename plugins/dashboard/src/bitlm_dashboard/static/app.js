@@ -123,8 +123,9 @@
   }
   async function stopRun(name) {
     try {
-      await api("POST", "/api/runs/" + encodeURIComponent(name) + "/stop", {});
-      message("start-result", "run " + name + " is stopping (it checkpoints first)", false);
+      const r = await api("POST", "/api/runs/" + encodeURIComponent(name) + "/stop", {});
+      message("start-result", "run " + name + " is stopping (it checkpoints first); resume " +
+              "it with: " + r.resume, false);
     } catch (e) { message("start-result", e.message, true); }
   }
 
