@@ -44,6 +44,28 @@ def test_cached_decoder_matches_the_full_forward(layout, local):
     torch.testing.assert_close(torch.stack(got, dim=1), full[:, 18:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("parity", [False, True])
+def test_joint_decoding_reads_each_bit_from_the_frames_sums_exactly(parity):
+    """The cached decoder computes the joint predictor's sums once per frame and gathers each
+    bit's logits from them: the very logits of the predictor's forward pass at that bit, past
+    the context too and after whole frames pushed at once."""
+    model = tiny("framed", "joint", parity=parity)
+    torch.nn.init.normal_(model.local.head.weight, std=1.0)  # sharp scores
+    bits = torch.randint(0, 2, (3, 16 * 9), dtype=torch.uint8)
+    dec = model.decoder(bits[:, :9])
+    for i in range(9, bits.size(1)):
+        if i % 27 == 0:  # a whole frame at once now and then
+            dec.push_frame(bits[:, i:i + 9])
+        if i % 27 < 9 and i % 27:
+            continue
+        j = i % 9
+        full = torch.zeros(3, 9, dtype=torch.long)
+        full[:, :j] = dec.frame_prefix
+        assert torch.equal(dec.logits(), model.local(dec.h, full)[:, j])
+        if i % 27 != 0:
+            dec.push(bits[:, i])
+
+
 @pytest.mark.parametrize("layout", ["flat", "framed"])
 def test_decoder_runs_past_the_context(layout):
     model = tiny(layout)

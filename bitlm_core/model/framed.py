@@ -102,6 +102,9 @@ class FramedDecoder(CachedDecoder):
     """Cached decoding of the framed layout: one backbone position per finished frame, the
     local predictor for the bits of the frame under way."""
 
+    levels = None  # the joint predictor's sums for the frame under way (read from ``h``)
+    value = None  # and the frame's bits so far as a number (B, 1)
+
     def _prime(self, bits, trim: bool = False) -> None:
         m = self.model
         bits = self._context(bits, trim)
@@ -109,12 +112,18 @@ class FramedDecoder(CachedDecoder):
         x = torch.cat([m.bos.expand(bits.size(0), 1, -1), m.embed_frames(frames)], dim=1)
         h, _ = m.backbone(x, True, start=0, caches=self.caches)
         self.pos = x.size(1)
-        self.h = h[:, -1]
+        self.h, self.levels = h[:, -1], None
         self.frame_prefix = bits[:, :0]  # bits of the current, unfinished frame
         self.last = self._local_logits()
 
     def _local_logits(self):
-        j = self.frame_prefix.size(1)
+        j, local = self.frame_prefix.size(1), self.model.local
+        if hasattr(local, "next_bit_logits"):  # joint: the frame's sums once, then a gather
+            if self.levels is None:  # a new state: its sums, and the frame's bits as a number
+                self.levels = local.frame_levels(self.h)
+                place = 2 ** torch.arange(j - 1, -1, -1, device=self.h.device)
+                self.value = (self.frame_prefix.long() * place).sum(-1, keepdim=True)
+            return local.next_bit_logits(self.levels, j, self.value)
         full = torch.zeros(self.h.size(0), self.Fb, dtype=torch.long, device=self.h.device)
         full[:, :j] = self.frame_prefix
         return self.model.local(self.h, full)[:, j]  # entry j only uses bits < j
@@ -141,7 +150,7 @@ class FramedDecoder(CachedDecoder):
             h, _ = m.backbone(m.embed_frames(frame.view(-1, 1, self.Fb)), True, start=self.pos,
                               caches=self.caches)
             self.pos += 1
-            self.h = h[:, -1]
+            self.h, self.levels = h[:, -1], None
             self.last = None  # computed when asked for (:meth:`logits`)
         self._bound()
 
@@ -154,13 +163,16 @@ class FramedDecoder(CachedDecoder):
     def _push(self, bit) -> None:
         m = self.model
         self.frame_prefix = torch.cat([self.frame_prefix, bit], dim=1)
-        if self.frame_prefix.size(1) == self.Fb:
+        if self.frame_prefix.size(1) < self.Fb:
+            if self.levels is not None:  # the joint predictor's running value of the prefix
+                self.value = 2 * self.value + bit
+        else:
             if self.pos >= m.cfg.max_frames:
                 self._prime(self.history, trim=True)
                 return
             frame = self.frame_prefix.view(-1, 1, self.Fb)
             h, _ = m.backbone(m.embed_frames(frame), True, start=self.pos, caches=self.caches)
             self.pos += 1
-            self.h = h[:, -1]
+            self.h, self.levels = h[:, -1], None
             self.frame_prefix = self.frame_prefix[:, :0]
         self.last = self._local_logits()

@@ -151,6 +151,7 @@ class JointBitPredictor(nn.Module):
         # value_bits[v, i]: bit i (MSB first) of value v, for conditioning on known bits
         self.register_buffer("value_bits", ((value[:, None] >> torch.arange(n - 1, -1, -1))
                                             & 1).float(), persistent=False)
+        self.register_buffer("pair", torch.arange(2), persistent=False)  # a prefix's two ways
         if cfg.frame_parity:  # the parity bit of each data value, placed after it
             self.register_buffer("parity", self.value_bits.sum(-1) % 2, persistent=False)
         else:
@@ -161,14 +162,11 @@ class JointBitPredictor(nn.Module):
         each bit's marginal, given the frame's ``known`` tokens (..., F) in {0, 1, MASK} when
         passed: only the values that agree with every known bit keep their mass."""
         F_ = self.frame_bits
-        s = self.head(self.ln(h)).float()  # one score per value, MSB-first order
-        e = torch.exp(s - s.detach().amax(dim=-1, keepdim=True))
         n = F_ - 1 if self.parity is not None else F_  # bits scored through ``e``
         if bits is None:
-            return self._marginals(e, n, known)
-        levels = [e]  # levels[i]: sums over the values sharing a prefix of length n - i
-        for _ in range(n - 1):
-            levels.append(levels[-1][..., 0::2] + levels[-1][..., 1::2])
+            return self._marginals(self._weights(h), n, known)
+        levels = self.frame_levels(h)
+        e = levels[0]
         pairs = []
         prefix = prefix_nodes(bits, F_) - (2 ** torch.arange(F_, device=bits.device) - 1)
         two = torch.arange(2, device=bits.device)
@@ -179,6 +177,33 @@ class JointBitPredictor(nn.Module):
             odd = self.parity[data]
             pairs.append(e.gather(-1, data) * torch.cat([1 - odd, odd], -1))
         return torch.stack(pairs, dim=-2).clamp_min(torch.finfo(e.dtype).tiny).log()
+
+    def _weights(self, h):
+        s = self.head(self.ln(h)).float()  # one score per value, MSB-first order
+        return torch.exp(s - s.detach().amax(dim=-1, keepdim=True))
+
+    def frame_levels(self, h):
+        """h (..., C) -> the prefix sums every bit of a frame is read from: ``levels[i]`` holds
+        the sums over the values sharing a prefix of length ``n - i`` (``levels[0]``: the
+        values' weights). Decoding computes them once per frame (:meth:`next_bit_logits`)."""
+        levels = [self._weights(h)]
+        n = self.frame_bits - 1 if self.parity is not None else self.frame_bits
+        for _ in range(n - 1):
+            levels.append(levels[-1][..., 0::2] + levels[-1][..., 1::2])
+        return levels
+
+    def next_bit_logits(self, levels, j: int, value):
+        """Logits (B, 2) of bit ``j`` of a frame whose first ``j`` bits, read as a number MSB
+        first, are ``value`` (B, 1) (long), from :meth:`frame_levels` of (B, C): entry ``j``
+        of :meth:`forward`'s causal logits, computed alone, so that decoding a frame costs one
+        score head and a gather per bit, not a head per bit."""
+        e, n = levels[0], len(levels)
+        if j < n:
+            pair = levels[n - 1 - j].gather(-1, 2 * value + self.pair)
+        else:  # the parity bit: all of the data value's mass on its own parity
+            odd = self.parity[value]
+            pair = e.gather(-1, value) * torch.cat([1 - odd, odd], -1)
+        return pair.clamp_min(torch.finfo(e.dtype).tiny).log()
 
     def frame_log_probs(self, h):
         """h (..., C) -> (..., 2**n) log-probabilities of the frame's values (MSB first; the
