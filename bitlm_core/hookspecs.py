@@ -243,3 +243,18 @@ def bitlm_reporters() -> Iterable["ReporterSpec"]:  # noqa: F821
         def bitlm_reporters():
             yield ReporterSpec("html", "bitlm_report.html:HtmlReport", "report.html and PNGs")
     """
+
+
+@hookspec
+def bitlm_quantizers() -> Iterable["QuantizerSpec"]:  # noqa: F821
+    """Provide weight formats for ``bitlm quantize --scheme NAME``: each stores a trained
+    model's weights in fewer bits and reads them back (and may swap in faster layers for
+    inference). A run folder's weights name their scheme in the safetensors metadata
+    (``bitlm_weights``), so loading finds the quantizer that wrote them.
+
+    Example::
+
+        @hookimpl
+        def bitlm_quantizers():
+            yield QuantizerSpec("int4", "bitlm_quantization.int4:Int4", "4-bit packed weights")
+    """

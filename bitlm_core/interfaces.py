@@ -162,3 +162,23 @@ class Reporter(Protocol):
     name: str
 
     def write(self, runs: Any, out: Any) -> list: ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """A weight format of ``bitlm quantize --scheme NAME``, and how a model runs from it.
+
+    ``quantize(model)`` returns the tensors to store (safetensors) and the names of the
+    weights it quantized; ``dequantize(tensors, model, source)`` returns float tensors under
+    the model's state-dict names, or raises :class:`~bitlm_core.errors.CheckpointError` naming
+    what in the file is wrong (a missing scale, a wrong shape or dtype) before torch sees it;
+    ``prepare(model, device)`` returns the model to run inference with (the same one, or one
+    with faster layers, e.g. dynamic int8)."""
+
+    name: str
+
+    def quantize(self, model: Any) -> tuple: ...
+
+    def dequantize(self, tensors: dict, model: Any, source: str) -> dict: ...
+
+    def prepare(self, model: Any, device: Any) -> Any: ...

@@ -172,6 +172,16 @@ class ReporterSpec(ComponentSpec):
 
 
 @dataclass(frozen=True)
+class QuantizerSpec(ComponentSpec):
+    """A way to store (and run) a trained model's weights in fewer bits: ``bitlm quantize
+    --scheme NAME`` writes a run folder in it, and loading such a folder asks the same
+    quantizer to read it back. The factory returns a :class:`bitlm_core.interfaces.Quantizer`.
+    """
+
+    kind: ClassVar[str] = "quantizer"
+
+
+@dataclass(frozen=True)
 class Kind:
     """One kind of component: the hook that provides it and its record type."""
 
@@ -196,5 +206,6 @@ KINDS: dict[str, Kind] = {
         Kind("callback", "bitlm_callbacks", CallbackSpec, "training callbacks"),
         Kind("command", "bitlm_commands", CommandSpec, "commands"),
         Kind("reporter", "bitlm_reporters", ReporterSpec, "reporters"),
+        Kind("quantizer", "bitlm_quantizers", QuantizerSpec, "quantizers"),
     ]
 }

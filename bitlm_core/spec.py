@@ -98,6 +98,17 @@ class ObjectiveSection(Component):
     name: str = "causal"
 
 
+class QatSection(Strict):
+    """``train.qat``: quantization-aware training (bitlm_core.model.quant)."""
+
+    bits: int = Field(4, ge=2, le=8, description="weight bits (4: the int4 quantizer's grid)")
+    group_size: int = Field(32, ge=1, le=4096, description="weights per scale along a row")
+    start_step: int = Field(0, ge=0, description="the step from which linear layers train on "
+                                                 "the grid (0: from the start)")
+    activations: bool = Field(False, description="also round each linear layer's input to "
+                                                 "8 bits per position, as int8 inference does")
+
+
 class TrainSection(Strict):
     steps: int = Field(1000, ge=1, description="optimizer steps (the schedule's horizon)")
     batch_size: int = Field(32, ge=1)
@@ -127,6 +138,15 @@ class TrainSection(Strict):
                             "loss and bits per byte stay fp32)")
     compile: Union[bool, Literal["max-autotune"]] = Field(
         False, description="torch.compile the model for training (eager if it fails)")
+    qat: Optional[QatSection] = Field(None, description="quantization-aware training: linear "
+                                      "layers computed with weights rounded to a bits-bit grid")
+
+    @model_validator(mode="after")
+    def _qat_is_eager(self):
+        if self.qat is not None and self.compile:
+            raise ValueError("train.qat changes the linear layers while training, which a "
+                             "compiled model would not see; set train.compile: false")
+        return self
 
 
 class CompressionSection(Component):
@@ -258,6 +278,8 @@ NOT_SHARDED = (
     ("train.precision fp16", lambda s: s.train.precision == "fp16",
      "the fp16 gradient scaler does not run on sharded gradients; use bf16, which needs no "
      "scaler"),
+    ("train.qat", lambda s: s.train.qat is not None,
+     "its layers round whole weight matrices, which FSDP holds in shards; use strategy ddp"),
 )
 
 
@@ -291,6 +313,8 @@ NOT_PIPELINED = (
      "log the metrics without a weight, or use strategy ddp"),
     ("train.compile", lambda s: bool(s.train.compile),
      "the stages run eagerly; set train.compile: false"),
+    ("train.qat", lambda s: s.train.qat is not None,
+     "each stage would have to switch its layers at the same step; use strategy ddp"),
 )
 
 

@@ -70,7 +70,7 @@ def test_builtin_callbacks_are_registered_in_the_loop_order():
     reg = get_registry()
     assert [type(reg.build("callback", n)).__name__ for n in cb.BUILTIN] == [
         "TrainLog", "Evaluation", "Growth", "AttentionMaps", "Telemetry", "Progress",
-        "Checkpointing", "TimeLimit"]
+        "Checkpointing", "TimeLimit", "QuantizationAware"]
     assert all(reg.get("callback", n).plugin == "core" for n in cb.BUILTIN)
 
 

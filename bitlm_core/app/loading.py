@@ -32,12 +32,15 @@ def _stderr(message: str) -> None:
 
 
 def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr,
-             device: str = "auto") -> LoadedRun:
+             device: str = "auto", prepare: bool = True) -> LoadedRun:
     """Rebuild a run's model from its resolved spec and newest usable checkpoint (never
     unpickles), on ``device`` (``auto``: cuda, else mps, else cpu; whatever the run trained
     on: checkpoints hold CPU tensors). A damaged newer checkpoint is skipped, and ``log`` says
     so. The checkpoint is read under the checkpoints' shared lock, so a run training in the
-    folder meanwhile cannot delete it mid-read."""
+    folder meanwhile cannot delete it mid-read. A run trained with ``train.qat`` computes on its
+    weight grid, as it did when its held-out figure was taken. Weights a quantizer stored are
+    read back by it and run as stored, with its inference layers (``int8-dynamic``) when
+    ``prepare``."""
     run_dir = Path(run_dir)
     spec = read_run_spec(run_dir)
     comps = Components.build(spec)
@@ -51,6 +54,16 @@ def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr,
                                   "it")
         state = read_state(ckpt)
         fit_to_checkpoint(model, state, ckpt)
-        load_weights(ckpt, model)
+        scheme = load_weights(ckpt, model)
+    qat = comps.spec.train.qat
+    if qat is not None and scheme is None and state["step"] >= qat.start_step:
+        # computes as it trained and was scored (a quantizer's weights run as it stored them)
+        from bitlm_core.model.quant import enable_qat
+
+        enable_qat(model, qat.bits, qat.group_size, qat.activations)
     model.to(where).eval()
+    if scheme is not None and prepare:  # e.g. int8-dynamic: faster layers for inference
+        from bitlm_core.store.checkpoint import quantizer
+
+        model = quantizer(scheme, ckpt).prepare(model, where)
     return LoadedRun(run_dir, comps.spec, comps, model, state["step"], ckpt, state)

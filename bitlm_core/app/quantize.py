@@ -1,6 +1,7 @@
-"""``bitlm quantize``: a copy of a run whose weight matrices are stored as int8.
+"""``bitlm quantize``: a copy of a run whose weights are stored in fewer bits.
 
-The format is :mod:`bitlm_core.store.quantized`; this module writes a whole run folder in it,
+The formats are quantizers (the ``bitlm_quantizers`` hook: core's ``int8-rowwise``, a plugin's
+``int8-dynamic`` and ``int4``); this module writes a whole run folder in one,
 safely (built beside the target, renamed into place, never over anything but a quantized run).
 """
 
@@ -14,21 +15,26 @@ from typing import Any
 from bitlm_core.app.loading import load_run
 from bitlm_core.errors import CheckpointError
 from bitlm_core.store.checkpoint import latest_checkpoint, read_state, save_checkpoint
-from bitlm_core.store.quantized import METADATA_KEY, SCHEME, quantize_state
+from bitlm_core.store.quantized import METADATA_KEY, SCHEME
 from bitlm_core.store.rundir import SPEC_FILE, foreign_files, write_marker
 
 
-def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
-    """Write a quantized copy of run folder ``src`` (its newest checkpoint) into ``dst``.
+def quantize_run(src: Any, dst: Any, force: bool = False,
+                 scheme: str = SCHEME) -> dict[str, Any]:
+    """Write a copy of run folder ``src`` (its newest checkpoint) quantized by the quantizer
+    ``scheme`` (``int8-rowwise``, or a plugin's) into ``dst``.
 
     ``dst`` must not exist or be an empty folder; with ``force``, a quantized run folder there
     (written by this function) is replaced, nothing else. The new folder is built beside
     ``dst`` and renamed into place, so an interrupted call leaves no half-written run. Returns
     what was done: tensors quantized, bytes before and after.
     """
+    from bitlm_core.registry import get_registry
+
     src, dst = Path(src), Path(dst)
+    quantizer = get_registry().build("quantizer", scheme, path="--scheme")
     # on the CPU; checks src and that its weights fit the model its spec builds
-    run = load_run(src, device="cpu")
+    run = load_run(src, device="cpu", prepare=False)
     ckpt, state = run.checkpoint, run.state  # the one checkpoint the weights came from
     if state.get("quantized"):
         raise CheckpointError(f"{src} is already quantized; quantize the original run")
@@ -50,7 +56,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"{dst} holds files bitlm did not write ("
                                   f"{', '.join(foreign[:5])}); --force replaces only what bitlm "
                                   "wrote: move them away, or choose another folder")
-    tensors, names = quantize_state(run.model.state_dict())
+    tensors, names = quantizer.quantize(run.model)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -59,9 +65,9 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
         shutil.copyfile(src / SPEC_FILE, tmp / SPEC_FILE)
         meta = {k: v for k, v in state.items()
                 if k not in ("format", "version", "step", "optimizer_param_groups")}
-        meta.update(quantized=SCHEME, quantized_from=f"{src.name}/{ckpt.name}")
+        meta.update(quantized=scheme, quantized_from=f"{src.name}/{ckpt.name}")
         out = save_checkpoint(tmp, state["step"], run.model, None, meta, keep=1,
-                              weights=tensors, weights_metadata={METADATA_KEY: SCHEME})
+                              weights=tensors, weights_metadata={METADATA_KEY: scheme})
         after = (out / "model.safetensors").stat().st_size
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -73,7 +79,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"source": str(ckpt), "checkpoint": str(dst / "checkpoints" / out.name),
-            "step": state["step"], "scheme": SCHEME, "quantized_tensors": len(names),
+            "step": state["step"], "scheme": scheme, "quantized_tensors": len(names),
             "tensors": len(run.model.state_dict()),
             "bytes_before": before, "bytes_after": after}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bitlm_core.hookspecs import hookimpl
 from bitlm_core.records import (AttentionBackendSpec, CallbackSpec, CommandSpec, CompressorSpec,
-                                CorpusSpec, EncoderSpec, ObjectiveSpec, SafetyGateSpec,
-                                SamplerSpec, ScalingStrategySpec)
+                                CorpusSpec, EncoderSpec, ObjectiveSpec, QuantizerSpec,
+                                SafetyGateSpec, SamplerSpec, ScalingStrategySpec)
 
 
 @hookimpl
@@ -95,6 +95,7 @@ def bitlm_callbacks():
     yield CallbackSpec("checkpoint", c.Checkpointing,
                        "checkpoints every train.checkpoint_every steps, at the end, on Ctrl-C")
     yield CallbackSpec("time_limit", c.TimeLimit, "stop after train.max_minutes")
+    yield CallbackSpec("qat", c.QuantizationAware, "train.qat: linear layers on a weight grid")
 
 
 @hookimpl
@@ -103,4 +104,10 @@ def bitlm_commands():
     yield CommandSpec("codec", "bitlm_core.cli.codec:commands",
                       "Compress, decompress and measure bit streams with the installed codecs.")
     yield CommandSpec("quantize", "bitlm_core.cli.quantize:commands",
-                      "Store a run's weight matrices as int8, about 4x smaller.")
+                      "Store a run's weights in fewer bits (int8 by default; --scheme).")
+
+
+@hookimpl
+def bitlm_quantizers():
+    yield QuantizerSpec("int8-rowwise", "bitlm_core.builtins.quantizers:Int8Rowwise",
+                        "int8 matrices, a scale per row, ~4x smaller; runs as float")

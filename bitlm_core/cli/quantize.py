@@ -14,18 +14,23 @@ def quantize(
     run_dir: Path = typer.Argument(..., help="Run folder written by `bitlm run`."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the quantized run (new or "
                                  "empty)."),
+    scheme: str = typer.Option("int8-rowwise", "--scheme", help="Weight format: int8-rowwise "
+                               "(core: int8 storage, runs as float), or a plugin's, e.g. "
+                               "int8-dynamic (int8 inference) and int4 (4-bit groups) from "
+                               "bitlm-quantization; `bitlm plugins show quantizer` lists them."),
     force: bool = typer.Option(False, "--force", help="Replace a quantized run already at --out "
                                "(never a training run or other files)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
-    """Store a run's weight matrices as int8 (one scale per row), about 4x smaller.
+    """Store a run's weights in fewer bits: int8 (one scale per row, about 4x smaller) by
+    default, or another --scheme.
 
-    The quantized run folder works with `bitlm eval` and `bitlm sample`; it has no optimizer
-    state, so it cannot be trained further.
+    The quantized run folder works with `bitlm eval`, `bitlm sample` and `bitlm compress`; it
+    has no optimizer state, so it cannot be trained further.
     """
     from bitlm_core.app.quantize import quantize_run
 
-    report = quantize_run(run_dir, out_dir, force=force)
+    report = quantize_run(run_dir, out_dir, force=force, scheme=scheme)
     if as_json:
         out.print_json(json.dumps(report))
     else:

@@ -40,7 +40,7 @@ from bitlm_core.engine.distributed import SOLO
 
 #: bitlm's own callbacks, by record name, in the order they run at every step.
 BUILTIN = ("log", "evaluation", "growth", "attention_maps", "telemetry", "progress",
-           "checkpoint", "time_limit")
+           "checkpoint", "time_limit", "qat")
 
 
 def current_model(trainer):
@@ -326,6 +326,40 @@ class Checkpointing(Callback):
 
     def on_end(self, trainer, state):
         trainer.checkpoint(state)
+
+
+class QuantizationAware(Callback):
+    """``qat``: with ``train.qat``, every linear layer computes with its weights rounded to the
+    ``bits``-bit grid from ``start_step`` on (bitlm_core.model.quant), so that the int4
+    quantizer later stores what the model learned to work with. Layers a growth adds join at
+    the next step. It runs after the others, so that everything done at a step (evaluation,
+    a checkpoint) sees the model that trained it. A record ``{"split": "qat", ...}`` marks the
+    step it began; a resumed run switches its layers again before its first step."""
+
+    def __init__(self) -> None:
+        self.layers = 0
+
+    def switch(self, trainer, step: int) -> None:
+        from bitlm_core.model.quant import enable_qat
+
+        q = trainer.spec.train.qat
+        if q is None or step < q.start_step:
+            return
+        count = enable_qat(trainer.model, q.bits, q.group_size, q.activations)
+        if count != self.layers:
+            if self.layers == 0:
+                trainer.log(f"train.qat: {count} linear layers on a {q.bits}-bit grid (groups "
+                            f"of {q.group_size}) from step {step}")
+            if step == max(1, q.start_step):  # the step it began (not again on a resume)
+                trainer.write_metrics({"split": "qat", "step": step, "layers": count,
+                                       "bits": q.bits, "group_size": q.group_size})
+            self.layers = count
+
+    def on_fit_start(self, trainer, state):
+        self.switch(trainer, state.step + 1)  # the next step is the first of this session
+
+    def on_step(self, trainer, state, record):
+        self.switch(trainer, state.step + 1)
 
 
 class TimeLimit(Callback):

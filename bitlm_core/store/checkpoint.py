@@ -385,11 +385,13 @@ def weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
 
 
-def load_weights(ckpt: Path, model) -> None:
+def load_weights(ckpt: Path, model) -> str | None:
+    """Load ``ckpt``'s weights into ``model``; returns the name of the quantizer that stored
+    them (``None`` for float weights), whose ``prepare`` gives the model to run."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from bitlm_core.store.quantized import METADATA_KEY, SCHEME, dequantize_state
+    from bitlm_core.store.quantized import METADATA_KEY
 
     path = str(ckpt / "model.safetensors")
     if only_shards(ckpt):
@@ -403,17 +405,17 @@ def load_weights(ckpt: Path, model) -> None:
             weights = load_file(path)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
-    if scheme == SCHEME:
-        weights = dequantize_state(weights, str(ckpt))
-    elif scheme is not None:
-        raise CheckpointError(f"{ckpt} holds weights in the format {scheme[:40]!r}, which this "
-                              f"bitlm cannot read (it reads float and {SCHEME!r}); upgrade "
-                              "bitlm-core")
-    elif any(str(t.dtype) == "torch.int8" for t in weights.values()):
-        raise CheckpointError(f"{ckpt} holds int8 weight tensors but does not say how they "
-                              "were quantized; the file is damaged or not written by bitlm")
-    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(
-        model.state_dict())
+    if scheme is not None:
+        weights = quantizer(scheme, ckpt).dequantize(weights, model, str(ckpt))
+    own = model.state_dict()
+    for name, t in weights.items():
+        if name in own and own[name].is_floating_point() and not t.is_floating_point():
+            raise CheckpointError(
+                f"{ckpt} holds integer weight tensors ({name!r}: {str(t.dtype)[6:]}) " + (
+                    "but does not say how they were quantized; the file is damaged or not "
+                    "written by bitlm" if scheme is None else
+                    f"left over after reading it as {scheme}; the file is damaged"))
+    missing, unexpected = set(own) - set(weights), set(weights) - set(own)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {ckpt} does not fit the model built from its spec (missing: "
@@ -425,6 +427,22 @@ def load_weights(ckpt: Path, model) -> None:
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt} has tensors of the wrong shape: "
                               f"{str(exc).splitlines()[-1]}") from None
+    return scheme
+
+
+def quantizer(scheme: str, where: Path):
+    """The installed quantizer that reads weights stored as ``scheme``, or a CheckpointError
+    saying which plugin provides it."""
+    from bitlm_core.registry import get_registry
+
+    registry = get_registry()
+    if registry.get("quantizer", scheme) is None:
+        known = ", ".join(registry.names("quantizer"))
+        raise CheckpointError(f"{where} holds weights in the format {scheme[:40]!r}, which no "
+                              f"installed quantizer reads (installed: {known}); install the "
+                              "plugin that wrote it (int8-dynamic and int4: pip install "
+                              "plugins/quantization)")
+    return registry.build("quantizer", scheme)
 
 
 def load_optimizer(ckpt: Path, optimizer, state: dict[str, Any]) -> None:
