@@ -35,7 +35,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from bitlm_core.errors import BitlmError, CodecError
+from bitlm_core.errors import BitlmError, CodecError, DataError
 
 PRECISION = 16  # bits of each coded bit's probability
 ONE = 1 << PRECISION
@@ -97,11 +97,39 @@ def fingerprint(model) -> str:
     h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
     h.update(f"{type(backend).__module__}.{type(backend).__qualname__}:"
              f"{getattr(backend, 'name', '')};".encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().view(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+    for name, value in sorted(model.state_dict().items()):
+        for part, t in _state_parts(name, value):
+            if t is None:  # not a tensor (an integer layer's dtype): its name and value
+                h.update(f"{part};".encode())
+                continue
+            t = t.detach().cpu().contiguous().view(-1)
+            h.update(f"{part}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _state_parts(name: str, value):
+    """(name, plain tensor) pairs of one state-dict entry: itself for a float tensor; the
+    integers, scales and zero points of a quantized one; each item of a tuple (the packed
+    weights of an int8 inference layer); (``name=value``, None) for anything else."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if not value.is_quantized:
+            yield name, value
+            return
+        yield f"{name}.int", value.int_repr()
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            yield f"{name}.scales", value.q_per_channel_scales()
+            yield f"{name}.zero_points", value.q_per_channel_zero_points()
+        else:
+            yield f"{name}.scales", torch.tensor([value.q_scale()], dtype=torch.float64)
+            yield f"{name}.zero_points", torch.tensor([value.q_zero_point()])
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _state_parts(f"{name}.{i}", item)
+    else:
+        yield f"{name}={value}", None
 
 
 def environment() -> dict[str, str | int]:
@@ -286,6 +314,11 @@ def _adapt_optimizer(model, adapt: Optional[Adapt]):
 
     if adapt is None:
         return None
+    inference_only = getattr(model, "inference_only", None)
+    if inference_only:
+        raise DataError(f"adaptation trains the model as it codes, and this run's weights run "
+                        f"as {inference_only} layers, which have no gradients; code without "
+                        "adaptation, or with the run it was quantized from")
     return torch.optim.AdamW(model.parameters(), lr=adapt.lr, weight_decay=0.0)
 
 
