@@ -148,7 +148,8 @@ def build(resolved: Resolved, registry: Registry | None = None, **overrides) -> 
 #: Attributes bitlm reads from components of these kinds (see bitlm_core.interfaces).
 REQUIRED = {"objective": ("causal", "is_bound"), "sampler": ("causal", "sample"),
             "callback": ("on_fit_start", "on_step", "on_eval", "on_checkpoint", "on_interrupt",
-                         "on_end")}
+                         "on_end"),
+            "quantizer": ("quantize", "dequantize", "prepare")}
 
 
 def check_interface(record: ComponentSpec, component: Any) -> Any:

@@ -106,7 +106,7 @@ class QatSection(Strict):
     start_step: int = Field(0, ge=0, description="the step from which linear layers train on "
                                                  "the grid (0: from the start)")
     activations: bool = Field(False, description="also round each linear layer's input to "
-                                                 "8 bits per position, as int8 inference does")
+                                                 "8 bits (a scale per position) in training")
 
 
 class TrainSection(Strict):
@@ -146,6 +146,10 @@ class TrainSection(Strict):
         if self.qat is not None and self.compile:
             raise ValueError("train.qat changes the linear layers while training, which a "
                              "compiled model would not see; set train.compile: false")
+        if self.qat is not None and self.qat.start_step > self.steps:
+            raise ValueError(f"train.qat.start_step ({self.qat.start_step}) comes after the "
+                             f"last step (train.steps: {self.steps}), so the run would never "
+                             "train on the grid; give a start_step of at most train.steps")
         return self
 
 

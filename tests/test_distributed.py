@@ -126,14 +126,17 @@ def job_spec(tiny_spec):
 
 
 @pytest.mark.jobs
-@pytest.mark.parametrize("model", [{}, {"reversible": True}], ids=["plain", "reversible"])
-def test_a_ddp_job_follows_the_loss_curve_of_one_process(job_spec, tmp_path, model):
+@pytest.mark.parametrize("model, train", [({}, {}), ({"reversible": True}, {}),
+                                          ({}, {"qat": {"group_size": 8, "start_step": 3}})],
+                         ids=["plain", "reversible", "qat"])
+def test_a_ddp_job_follows_the_loss_curve_of_one_process(job_spec, tmp_path, model, train):
     """2 processes x 2 windows x 2 accumulated = one process x 4 windows x 2 accumulated: the
     same windows, gradients averaged by DDP (no_sync during accumulation; reversible blocks
-    need DDP's static graph, which synchronises every micro-batch)."""
+    need DDP's static graph, which synchronises every micro-batch; QAT switches every
+    process's layers at the same step)."""
     from bitlm_core.app.run import execute
 
-    spec = job_spec("ddp", steps=6, model=model)
+    spec = job_spec("ddp", steps=6, model=model, train=train)
     code, out, err = finish(bitlm("run", str(spec), "-q", "--out", str(tmp_path / "two"),
                                   nproc=2))
     assert code == 0, err[-3000:]
@@ -386,6 +389,7 @@ def test_shards_that_do_not_fit_the_model_are_refused_naming_the_tensor(job_spec
     ("model.act.enabled=true", "model.act"),
     ("scaling.strategy.name=depth", "scaling.strategy"),
     ("train.precision=fp16", "train.precision fp16"),
+    ("train.qat.bits=4", "train.qat"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard_with_one_message(setting, key):
     with pytest.raises(SpecError, match=f"fsdp cannot train with {key}: .*use "):
@@ -402,6 +406,7 @@ def test_fsdp_refuses_what_it_cannot_shard_with_one_message(setting, key):
     ("compression.prob=0.5", "compression.prob > 0"),
     ("telemetry.lambda_K=0.1", "telemetry regularisers"),
     ("train.compile=true", "train.compile"),
+    ("train.qat.bits=4", "train.qat"),
 ])
 def test_a_pipeline_refuses_what_its_stages_cannot_train_with_one_message(setting, key):
     with pytest.raises(SpecError, match=f"pipeline cannot train with {key}: "):

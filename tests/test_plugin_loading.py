@@ -444,3 +444,53 @@ def test_auto_never_picks_a_backend_that_declares_no_priority(site, uid, monkeyp
     assert registry.get("attention", "aaa_quiet") is not None
     assert registry.get("attention", "sdpa") is None
     assert auto_attention().name == "reference"
+
+
+QUANTIZERS_PLUGIN = """
+from bitlm_core.builtins.quantizers import Int8Rowwise
+from bitlm_core.hookspecs import hookimpl
+from bitlm_core.records import QuantizerSpec
+
+
+class Halfway:
+    name = "halfway"
+
+    def quantize(self, model):
+        return Int8Rowwise().quantize(model)
+
+    def dequantize(self, tensors, model, source):
+        return Int8Rowwise().dequantize(tensors, model, source)
+
+
+class Broken(Int8Rowwise):
+    name = "broken"
+
+    def dequantize(self, tensors, model, source):
+        return {"oops": tensors["no such tensor"]}
+
+
+@hookimpl
+def bitlm_quantizers():
+    yield QuantizerSpec("halfway", Halfway, "no prepare")
+    yield QuantizerSpec("broken", Broken, "fails to read back")
+"""
+
+
+def test_a_plugin_quantizer_is_checked_and_its_failures_are_named(site, uid, monkeypatch,
+                                                                  tmp_path, tiny_spec):
+    import bitlm_core.registry as registry_module
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.quantize import quantize_run
+    from bitlm_core.app.run import execute
+    from bitlm_core.spec import load_spec
+
+    module = f"fakeplug_quantizers_{uid}"
+    site("fakeplug-quantizers", {f"fakequantizers_{uid}": module}, {module: QUANTIZERS_PLUGIN})
+    monkeypatch.setattr(registry_module, "_REGISTRY", build())
+    execute(load_spec(tiny_spec(steps=2, model={"d_model": 64})), tmp_path / "run",
+            log=lambda m: None)
+    with pytest.raises(PluginError, match="quantizer 'halfway' from .*has no prepare"):
+        quantize_run(tmp_path / "run", tmp_path / "h", scheme="halfway")
+    quantize_run(tmp_path / "run", tmp_path / "b", scheme="broken")
+    with pytest.raises(PluginError, match="quantizer 'broken' from .*failed to dequantize"):
+        load_run(tmp_path / "b")

@@ -139,7 +139,7 @@ def test_a_resumed_qat_run_switches_its_layers_before_its_first_step():
     qat = types.SimpleNamespace(bits=4, group_size=2, start_step=3, activations=False)
     trainer = types.SimpleNamespace(model=model, log=said.append, write_metrics=written.append,
                                     spec=types.SimpleNamespace(
-                                        train=types.SimpleNamespace(qat=qat)))
+                                        train=types.SimpleNamespace(qat=qat, steps=8)))
     callback = QuantizationAware()
     callback.on_fit_start(trainer, types.SimpleNamespace(step=0))
     assert not isinstance(model[0], QATLinear)  # steps 1 and 2 train in float
@@ -151,6 +151,55 @@ def test_a_resumed_qat_run_switches_its_layers_before_its_first_step():
     trainer.model = resumed
     QuantizationAware().on_fit_start(trainer, types.SimpleNamespace(step=5))
     assert isinstance(resumed[0], QATLinear) and written == []  # no second start record
+    plain = nn.Sequential(nn.Linear(4, 4))
+    trainer.model, qat.start_step = plain, 8
+    QuantizationAware().on_step(trainer, types.SimpleNamespace(step=8), {})  # the last step
+    assert not isinstance(plain[0], QATLinear)  # nothing switched past the end
+
+
+def test_a_run_ends_loads_and_is_scored_again_in_the_mode_of_its_last_step(tmp_path,
+                                                                          tiny_spec):
+    """A run stopped before its start step, and a finished QAT run run again: the figure it
+    ends with is the one its loaded model gives."""
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.run import execute
+    from bitlm_core.spec import load_spec
+
+    spec = load_spec(tiny_spec(steps=6, train={"qat": {"group_size": 8, "start_step": 2}}))
+    first = execute(spec, tmp_path / "run", log=lambda m: None)
+    again = execute(spec, tmp_path / "run", log=lambda m: None)  # finished: scored again
+    assert again["held_out_bits_per_byte"] == first["held_out_bits_per_byte"]
+    assert qat_layers(load_run(tmp_path / "run").model)
+
+
+def test_a_start_step_after_the_last_step_is_refused(tiny_spec):
+    from bitlm_core.spec import load_spec
+
+    with pytest.raises(SpecError, match=r"start_step \(7\) comes after the last step"):
+        load_spec(tiny_spec(steps=6, train={"qat": {"start_step": 7}}))
+    load_spec(tiny_spec(steps=6, train={"qat": {"start_step": 6}}))
+
+
+def test_quantizing_a_qat_run_in_int8_keeps_its_grid(tmp_path, tiny_spec):
+    """int8 of the weights as the layers computed with them, not of the float weights
+    training keeps behind the grid."""
+    from bitlm_core.app.loading import load_run
+    from bitlm_core.app.quantize import quantize_run
+    from bitlm_core.app.run import execute
+    from bitlm_core.spec import load_spec
+    from bitlm_core.store.quantized import quantize_rows
+
+    execute(load_spec(tiny_spec(steps=4, model={"d_model": 64},
+                                train={"qat": {"group_size": 16}})),
+            tmp_path / "run", log=lambda m: None)
+    trained = load_run(tmp_path / "run")
+    quantize_run(tmp_path / "run", tmp_path / "q")
+    stored = load_run(tmp_path / "q").model.state_dict()
+    for layer in qat_layers(trained.model):
+        module = trained.model.get_submodule(layer)
+        grid = rounded(module.weight, 4, 16)
+        q, scale = quantize_rows(grid)
+        assert torch.equal(stored[f"{layer}.weight"], q.float() * scale[:, None])
 
 
 def test_quantizers_are_components_found_by_name(tmp_path, tiny_spec):
@@ -162,7 +211,9 @@ def test_quantizers_are_components_found_by_name(tmp_path, tiny_spec):
     assert "int8-rowwise" in get_registry().names("quantizer")
     execute(load_spec(tiny_spec(steps=2, model={"d_model": 64})), tmp_path / "run",
             log=lambda m: None)
-    with pytest.raises(Exception, match="--scheme") as err:
+    from bitlm_core.errors import BitlmError
+
+    with pytest.raises(BitlmError, match="--scheme") as err:
         quantize_run(tmp_path / "run", tmp_path / "q", scheme="int9")
     assert "int8-rowwise" in str(err.value)
     assert not (tmp_path / "q").exists()
@@ -189,5 +240,5 @@ def test_weights_in_a_format_no_quantizer_reads_name_the_plugin(tmp_path, tiny_s
     scale = next(name for name in tensors if name.endswith(".qscale"))
     save_file({**tensors, scale: tensors[scale].half()}, str(path),
               metadata={"bitlm_weights": "int8-rowwise"})
-    with pytest.raises(CheckpointError, match="float16, not float32"):
+    with pytest.raises(CheckpointError, match=r"not finite float32 \(float16\)"):
         load_run(tmp_path / "q")

@@ -53,6 +53,11 @@ def test_damaged_quantized_tensors_are_named():
         dequantize_state({"big": tensors["big"], "big.qscale": torch.ones(3)}, "f")
     with pytest.raises(CheckpointError, match="no int8 matrix"):
         dequantize_state({"other.qscale": torch.ones(3)}, "f")
+    with pytest.raises(CheckpointError, match="no int8 matrix"):  # beside a float tensor
+        dequantize_state({"bias": torch.ones(3), "bias.qscale": torch.ones(3)}, "f")
+    for bad in (torch.full((64,), float("nan")), torch.ones(64, dtype=torch.float64)):
+        with pytest.raises(CheckpointError, match="not finite float32"):
+            dequantize_state({"big": tensors["big"], "big.qscale": bad}, "f")
 
 
 @pytest.fixture

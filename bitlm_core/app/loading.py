@@ -55,15 +55,14 @@ def load_run(run_dir: Path | str, log: Callable[[str], None] = _stderr,
         state = read_state(ckpt)
         fit_to_checkpoint(model, state, ckpt)
         scheme = load_weights(ckpt, model)
-    qat = comps.spec.train.qat
-    if qat is not None and scheme is None and state["step"] >= qat.start_step:
+    if comps.spec.train.qat is not None and scheme is None:
         # computes as it trained and was scored (a quantizer's weights run as it stored them)
-        from bitlm_core.model.quant import enable_qat
+        from bitlm_core.model.quant import qat_for_step
 
-        enable_qat(model, qat.bits, qat.group_size, qat.activations)
+        qat_for_step(model, comps.spec.train.qat, state["step"])
     model.to(where).eval()
     if scheme is not None and prepare:  # e.g. int8-dynamic: faster layers for inference
-        from bitlm_core.store.checkpoint import quantizer
+        from bitlm_core.store.checkpoint import quantizer_call
 
-        model = quantizer(scheme, ckpt).prepare(model, where)
+        model = quantizer_call(scheme, ckpt, "prepare", model, where)
     return LoadedRun(run_dir, comps.spec, comps, model, state["step"], ckpt, state)

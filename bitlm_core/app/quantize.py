@@ -30,9 +30,10 @@ def quantize_run(src: Any, dst: Any, force: bool = False,
     what was done: tensors quantized, bytes before and after.
     """
     from bitlm_core.registry import get_registry
+    from bitlm_core.store.checkpoint import quantizer_call
 
     src, dst = Path(src), Path(dst)
-    quantizer = get_registry().build("quantizer", scheme, path="--scheme")
+    get_registry().resolve("quantizer", scheme, "--scheme")  # an unknown name: its matches
     # on the CPU; checks src and that its weights fit the model its spec builds
     run = load_run(src, device="cpu", prepare=False)
     ckpt, state = run.checkpoint, run.state  # the one checkpoint the weights came from
@@ -56,7 +57,7 @@ def quantize_run(src: Any, dst: Any, force: bool = False,
             raise CheckpointError(f"{dst} holds files bitlm did not write ("
                                   f"{', '.join(foreign[:5])}); --force replaces only what bitlm "
                                   "wrote: move them away, or choose another folder")
-    tensors, names = quantizer.quantize(run.model)
+    tensors, names = quantizer_call(scheme, src, "quantize", run.model)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

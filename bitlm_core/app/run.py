@@ -239,6 +239,10 @@ def finish_run(trainer: Trainer, state: TrainState, comps: Components,
     """Score the whole held-out split, write samples and the summary; return the summary (on
     rank 0; None on the other processes of a job, which only take part in the scoring)."""
     spec, world = comps.spec, trainer.world
+    if spec.train.qat is not None:  # the mode of the last step, as loading the run gives
+        from bitlm_core.model.quant import qat_for_step
+
+        qat_for_step(trainer.model, spec.train.qat, state.step)
     final = evaluate(trainer.whole_model(), comps.objective, trainer.dataset,
                      spec.train.batch_size, world=world)
     model = trainer.inference_model()  # rank 0's whole model (every process takes part)

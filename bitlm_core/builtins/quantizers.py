@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from bitlm_core.errors import CheckpointError
-from bitlm_core.store.quantized import SCALE_SUFFIX, SCHEME, dequantize_state, quantize_state
+from bitlm_core.store.quantized import SCHEME, dequantize_state, quantize_state
 
 
 class Int8Rowwise:
@@ -13,15 +12,11 @@ class Int8Rowwise:
     name = SCHEME
 
     def quantize(self, model):
-        return quantize_state(model.state_dict())
+        from bitlm_core.model.quant import effective_state
+
+        return quantize_state(effective_state(model))  # a QAT model's weights as it computes
 
     def dequantize(self, tensors, model, source: str):
-        import torch
-
-        for name, t in tensors.items():
-            if name.endswith(SCALE_SUFFIX) and t.dtype != torch.float32:
-                raise CheckpointError(f"{source}: scale {name!r} is {str(t.dtype)[6:]}, not "
-                                      "float32; the file is damaged or not written by bitlm")
         return dequantize_state(tensors, source)
 
     def prepare(self, model, device):

@@ -333,27 +333,28 @@ class QuantizationAware(Callback):
     ``bits``-bit grid from ``start_step`` on (bitlm_core.model.quant), so that the int4
     quantizer later stores what the model learned to work with. Layers a growth adds join at
     the next step. It runs after the others, so that everything done at a step (evaluation,
-    a checkpoint) sees the model that trained it. A record ``{"split": "qat", ...}`` marks the
-    step it began; a resumed run switches its layers again before its first step."""
+    a checkpoint) sees the model that trained it; the end of a run (and loading it) puts the
+    layers in the mode of its last step (:func:`~bitlm_core.model.quant.qat_for_step`). A
+    record ``{"split": "qat", ...}`` marks the step it began."""
 
     def __init__(self) -> None:
         self.layers = 0
 
     def switch(self, trainer, step: int) -> None:
-        from bitlm_core.model.quant import enable_qat
+        from bitlm_core.model.quant import qat_for_step
 
         q = trainer.spec.train.qat
-        if q is None or step < q.start_step:
+        if q is None or step > trainer.spec.train.steps:
             return
-        count = enable_qat(trainer.model, q.bits, q.group_size, q.activations)
-        if count != self.layers:
+        count = qat_for_step(trainer.model, q, step)
+        if count and count != self.layers:
             if self.layers == 0:
                 trainer.log(f"train.qat: {count} linear layers on a {q.bits}-bit grid (groups "
                             f"of {q.group_size}) from step {step}")
             if step == max(1, q.start_step):  # the step it began (not again on a resume)
                 trainer.write_metrics({"split": "qat", "step": step, "layers": count,
                                        "bits": q.bits, "group_size": q.group_size})
-            self.layers = count
+        self.layers = count
 
     def on_fit_start(self, trainer, state):
         self.switch(trainer, state.step + 1)  # the next step is the first of this session

@@ -35,6 +35,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     rows, cols = w.shape
+    group_size = min(group_size, max(cols, 1))  # a group past the row is the row: no padding
     pad = (-cols) % group_size
     if pad:
         w = F.pad(w, (0, pad))
@@ -77,8 +78,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Activations rounded to ``bits`` with one scale per position (the last dimension), as
-    dynamic int8 inference computes them; straight-through in the backward pass."""
+    """Activations rounded to ``bits``, symmetric, with one scale per position (over the last
+    dimension); straight-through in the backward pass. Training only: no stored format runs
+    its inputs this way (int8-dynamic rounds them with one scale per batch)."""
     limit = qmax(bits)
     scale = x.detach().abs().amax(dim=-1, keepdim=True) / limit
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -114,6 +116,38 @@ def enable_qat(model: nn.Module, bits: int, group_size: int,
             module.qat_activations = activations
             count += 1
     return count
+
+
+def disable_qat(model: nn.Module) -> int:
+    """Every :class:`QATLinear` of ``model`` back to a plain ``nn.Linear``; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is QATLinear:
+            module.__class__ = nn.Linear
+            count += 1
+    return count
+
+
+def qat_for_step(model: nn.Module, qat, step: int) -> int:
+    """Put ``model``'s linear layers in the mode ``train.qat`` (``qat``, or None) gives step
+    ``step``: on the grid from ``qat.start_step`` on, plain before. Returns how many layers are
+    on the grid. Training calls it for the step it is about to take; loading a run, and scoring
+    it at the end, for the step its weights come from, so that all three compute alike."""
+    if qat is None or step < qat.start_step:
+        disable_qat(model)
+        return 0
+    return enable_qat(model, qat.bits, qat.group_size, qat.activations)
+
+
+def effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with each :class:`QATLinear`'s weight as it computes with it
+    (rounded to its grid): what a quantizer stores of a QAT-trained model."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, QATLinear):
+            key = f"{name}.weight" if name else "weight"
+            state[key] = rounded(module.weight, module.qat_bits, module.qat_group_size)
+    return state
 
 
 def qat_layers(model: nn.Module) -> list[str]:

@@ -406,7 +406,7 @@ def load_weights(ckpt: Path, model) -> str | None:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read weights from {ckpt}: {exc}") from None
     if scheme is not None:
-        weights = quantizer(scheme, ckpt).dequantize(weights, model, str(ckpt))
+        weights = quantizer_call(scheme, ckpt, "dequantize", weights, model, str(ckpt))
     own = model.state_dict()
     for name, t in weights.items():
         if name in own and own[name].is_floating_point() and not t.is_floating_point():
@@ -442,7 +442,28 @@ def quantizer(scheme: str, where: Path):
                               f"installed quantizer reads (installed: {known}); install the "
                               "plugin that wrote it (int8-dynamic and int4: pip install "
                               "plugins/quantization)")
-    return registry.build("quantizer", scheme)
+    from bitlm_core.components import check_interface
+
+    return check_interface(registry.get("quantizer", scheme),
+                           registry.build("quantizer", scheme, path="--scheme"))
+
+
+def quantizer_call(scheme: str, where: Path, method: str, *args):
+    """``quantizer(scheme, where).method(*args)``; a failure that is not one of bitlm's own
+    errors is the plugin's, named as such (a PluginError), not a traceback."""
+    from bitlm_core.errors import BitlmError, PluginError
+    from bitlm_core.plugins import describe_exception
+    from bitlm_core.registry import get_registry
+
+    component = quantizer(scheme, where)
+    try:
+        return getattr(component, method)(*args)
+    except BitlmError:
+        raise
+    except Exception as exc:
+        origin = get_registry().get("quantizer", scheme).origin
+        raise PluginError(f"quantizer '{scheme}' from {origin} failed to {method} the weights "
+                          f"of {where}: {describe_exception(exc)}") from exc
 
 
 def load_optimizer(ckpt: Path, optimizer, state: dict[str, Any]) -> None:

@@ -28,8 +28,6 @@ MIN_ELEMENTS = 1024  # smaller matrices are not worth a scale per row
 
 def quantize_state(weights: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Float tensors by name -> (tensors to save, names of the matrices stored as int8)."""
-    import torch
-
     out: dict[str, Any] = {}
     quantized = []
     for name, w in weights.items():
@@ -37,15 +35,23 @@ def quantize_state(weights: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             raise CheckpointError(f"tensor {name!r} already looks quantized; quantize the "
                                   "original run, not a quantized one")
         if w.is_floating_point() and w.dim() == 2 and w.numel() >= MIN_ELEMENTS:
-            w32 = w.detach().float().cpu()
-            scale = w32.abs().amax(dim=1) / 127.0
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            out[name] = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-            out[name + SCALE_SUFFIX] = scale.contiguous()
+            out[name], out[name + SCALE_SUFFIX] = quantize_rows(w)
             quantized.append(name)
         else:
             out[name] = w.detach().contiguous().cpu()
     return out, quantized
+
+
+def quantize_rows(w: Any) -> tuple[Any, Any]:
+    """A float matrix -> (int8 ``q``, float32 ``scale`` per row) with ``q * scale`` within
+    ``scale / 2`` of every weight."""
+    import torch
+
+    w32 = w.detach().float().cpu()
+    scale = w32.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8),
+            scale.contiguous())
 
 
 def dequantize_state(tensors: dict[str, Any], source: str) -> dict[str, Any]:
@@ -56,8 +62,13 @@ def dequantize_state(tensors: dict[str, Any], source: str) -> dict[str, Any]:
     scales = {n[: -len(SCALE_SUFFIX)]: t for n, t in tensors.items() if n.endswith(SCALE_SUFFIX)}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
-            if name[: -len(SCALE_SUFFIX)] not in tensors:
+            base = tensors.get(name[: -len(SCALE_SUFFIX)])
+            if base is None or base.dtype != torch.int8:
                 raise CheckpointError(f"{source}: scale {name!r} has no int8 matrix beside it")
+            if t.dtype != torch.float32 or not torch.isfinite(t).all():
+                raise CheckpointError(f"{source}: scale {name!r} is not finite float32 "
+                                      f"({str(t.dtype)[6:]}); the file is damaged or not "
+                                      "written by bitlm")
             continue
         if t.dtype != torch.int8:
             out[name] = t
