@@ -9,10 +9,11 @@ For every linear layer's weight (``rows x cols``), stored under its own name:
 ``<name>.q4group``  int32, one value: the group size
 
 The grid is core's (:mod:`bitlm_core.model.quant`, 4 bits, ``q`` in ``[-7, 7]``), the one
-``train.qat`` trains on, so a QAT run's weights are stored exactly as it computed with them;
-the group size is the run's ``train.qat.group_size`` when it has one, else 32. The other
-matrices (embedding tables) are stored as core's ``int8-rowwise``; vectors stay float. Loading
-checks every shape and dtype against the model before unpacking.
+``train.qat`` trains on, so a QAT run's linear layers are stored exactly as they computed: with
+its ``group_size`` and, for ``train.qat.bits`` below 4, its own (coarser) grid, which 4-bit
+integers hold too; a run trained on more than 4 bits is refused. Other runs get groups of 32.
+The other matrices (embedding tables) are stored as core's ``int8-rowwise``; vectors stay
+float. Loading checks every shape and dtype against the model before unpacking.
 """
 
 from __future__ import annotations
@@ -50,10 +51,22 @@ def unpack(packed, cols: int):
     return q[:, :cols].contiguous()
 
 
-def _group_of(module, default: int) -> int:
+MAX_GROUP = 4096  # the largest train.qat.group_size
+
+
+def _grid_of(module, name: str, default_group: int) -> tuple[int, int]:
+    """(bits, group size) to store a linear layer with: a QAT layer's own grid, which 4-bit
+    integers hold exactly when it has at most 4 bits; else 4 bits in default groups."""
     from bitlm_core.model.quant import QATLinear
 
-    return module.qat_group_size if isinstance(module, QATLinear) else default
+    if not isinstance(module, QATLinear):
+        return BITS, default_group
+    if module.qat_bits > BITS:
+        raise CheckpointError(f"{name} was trained on a {module.qat_bits}-bit grid "
+                              "(train.qat.bits), which 4-bit integers cannot hold; store the "
+                              "run with --scheme int8-rowwise or int8-dynamic, or train it with "
+                              "train.qat.bits of at most 4")
+    return module.qat_bits, module.qat_group_size
 
 
 class Int4:
@@ -62,8 +75,8 @@ class Int4:
     name = SCHEME
 
     def __init__(self, group_size: int = DEFAULT_GROUP):
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError("group_size must be a whole number of at least 1")
+        if not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP:
+            raise ValueError(f"group_size must be a whole number from 1 to {MAX_GROUP}")
         self.group_size = group_size
 
     def quantize(self, model):
@@ -77,8 +90,8 @@ class Int4:
         weights = model.state_dict()
         out, done = {}, []
         for name, module in linears.items():
-            group = _group_of(module, self.group_size)
-            q, scales = group_quantize(weights[name], BITS, group)
+            bits, group = _grid_of(module, name, self.group_size)
+            q, scales = group_quantize(weights[name], bits, group)  # = the layer's own grid
             out[name] = pack(q)
             out[name + SCALE] = scales
             out[name + GROUP] = torch.tensor([group], dtype=torch.int32)
@@ -96,7 +109,8 @@ class Int4:
         out, rest = {}, {}
         for name, t in tensors.items():
             if name.endswith(SCALE) or name.endswith(GROUP):
-                if name[: -len(SCALE if name.endswith(SCALE) else GROUP)] not in tensors:
+                base = tensors.get(name[: -len(SCALE if name.endswith(SCALE) else GROUP)])
+                if base is None or base.dtype != torch.uint8:
                     raise CheckpointError(f"{source}: {name!r} has no 4-bit matrix beside it; "
                                           "the file is damaged")
                 continue
@@ -113,9 +127,10 @@ class Int4:
                                       f"{'scales' if scales is None else 'group size'} "
                                       f"({name + (SCALE if scales is None else GROUP)}); the "
                                       "file is damaged")
-            if group.dtype != torch.int32 or group.numel() != 1 or int(group) < 1:
-                raise CheckpointError(f"{source}: {name + GROUP!r} must be one int32 of at "
-                                      "least 1; the file is damaged")
+            if (group.dtype != torch.int32 or group.numel() != 1
+                    or not 1 <= int(group) <= MAX_GROUP):
+                raise CheckpointError(f"{source}: {name + GROUP!r} must be one int32 from 1 "
+                                      f"to {MAX_GROUP}; the file is damaged")
             g = int(group)
             if scales.dtype != torch.float32:
                 raise CheckpointError(f"{source}: scales {name + SCALE!r} are "
