@@ -42,14 +42,19 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     return w.reshape(rows, -1, group_size), pad
 
 
+def _scales(x: torch.Tensor, limit: int, keepdim: bool = False) -> torch.Tensor:
+    """The grid's step along the last dimension: ``max|x| / limit``, 1 where ``x`` is all 0."""
+    scales = x.abs().amax(dim=-1, keepdim=keepdim) / limit
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
 def group_quantize(w: torch.Tensor, bits: int, group_size: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales)``: ``q`` int8 of ``w``'s shape holding integers in ``[-qmax, qmax]``,
     ``scales`` float32 of shape ``(rows, ceil(cols / group_size))``."""
     limit = qmax(bits)
     g, pad = _grouped(w.detach().float(), group_size)
-    scales = g.abs().amax(dim=2) / limit
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scales = _scales(g, limit)
     q = torch.round(g / scales[..., None]).clamp_(-limit, limit).to(torch.int8)
     q = q.reshape(w.shape[0], -1)
     return (q[:, : w.shape[1]] if pad else q).contiguous(), scales.contiguous()
@@ -66,8 +71,7 @@ def rounded(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``w`` on the grid (float, ``w``'s dtype), with no gradient."""
     limit = qmax(bits)
     g, pad = _grouped(w.detach(), group_size)
-    scales = g.abs().amax(dim=2, keepdim=True) / limit
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scales = _scales(g, limit, keepdim=True)
     out = (torch.round(g / scales).clamp_(-limit, limit) * scales).reshape(w.shape[0], -1)
     return out[:, : w.shape[1]] if pad else out
 
@@ -82,8 +86,7 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     dimension); straight-through in the backward pass. Training only: no stored format runs
     its inputs this way (int8-dynamic rounds them with one scale per batch)."""
     limit = qmax(bits)
-    scale = x.detach().abs().amax(dim=-1, keepdim=True) / limit
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _scales(x.detach(), limit, keepdim=True)
     return x + (torch.round(x.detach() / scale).clamp_(-limit, limit) * scale - x).detach()
 
 
